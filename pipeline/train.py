@@ -1,0 +1,351 @@
+"""One DPO run: recipe -> data + model -> trl.DPOTrainer -> run folder.
+
+TRL's trainer is wrapped, not subclassed. For method `lora` the policy is the
+base plus a fresh adapter and the reference is the same base with the adapter
+switched off (TRL does this when given a plain model and a `peft_config`), so
+the base weights are in memory once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as cfg
+from pipeline import data as data_mod
+from pipeline import fast, reference, runs
+from pipeline.config import Recipe
+from pipeline.errors import UserError
+
+EVAL_BATCH = 8  # pairs per evaluation forward: the reference pass's batches, so untrained rewards are exactly 0
+EVAL_KEYS = {"reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eval_rewards/margins", "loss": "eval_loss"}
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress bar and messages."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def set_threads(threads: int) -> int:
+    import torch
+
+    n = threads or max(1, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(n)
+    return n
+
+
+# ------------------------------------------------------------------ callbacks
+
+
+def _callbacks(run_dir: Path, total_steps: int):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class RunLog(TrainerCallback):
+        """metrics.jsonl (one line per log, TRL's names) and a progress bar with the numbers that matter."""
+
+        def __init__(self):
+            self.bar = None
+            self.start = time.perf_counter()
+            self.handle = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=total_steps, desc="DPO", unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            row = {"step": state.global_step, "elapsed_seconds": round(time.perf_counter() - self.start, 3), **logs}
+            self.handle.write(json.dumps(row) + "\n")
+            self.handle.flush()
+            if self.bar is not None and "loss" in logs:
+                self.bar.set_postfix(
+                    loss=f"{logs['loss']:.3f}",
+                    acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}",
+                    margin=f"{logs.get('rewards/margins', float('nan')):.3f}",
+                )
+            if self.bar is not None and "eval_loss" in logs:
+                self.bar.write(
+                    f"  step {state.global_step}: held-out loss {logs['eval_loss']:.4f}, "
+                    f"reward accuracy {logs.get('eval_rewards/accuracies', float('nan')):.3f}, "
+                    f"margin {logs.get('eval_rewards/margins', float('nan')):.4f}"
+                )
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+        def close(self):
+            self.handle.close()
+
+    return RunLog()
+
+
+# ------------------------------------------------------------------ trainer
+
+
+def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_steps: int | None):
+    """Translate the recipe into trl.DPOConfig; version differences between TRL releases live here."""
+    from trl import DPOConfig
+
+    from pipeline.model import precision
+
+    t = recipe.train
+    on_gpu = device == "cuda"
+    autocast = precision(recipe, device).autocast
+    optim = t.optim
+    if optim == "auto":
+        optim = "adamw_8bit" if on_gpu else "adamw_torch"
+    eval_steps = max(1, math.ceil(total_steps * t.eval_every)) if t.eval_every > 0 else None
+    steps = max_steps if max_steps is not None else t.max_steps
+    return DPOConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=EVAL_BATCH,
+        gradient_accumulation_steps=t.grad_accum,
+        beta=t.beta,
+        loss_type=[t.loss_type],
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        optim=optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        precompute_ref_log_probs=False,  # pipeline.reference does it, cached on disk, then switches TRL to it
+        max_length=recipe.data.max_length,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="no",
+        train_sampling_strategy="sequential" if t.group_by_length else "random",
+        prediction_loss_only=True,  # else TRL reruns a full-logits forward per eval batch for compute_metrics
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=autocast == "bf16",
+        fp16=autocast == "fp16",
+        use_cpu=not on_gpu,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def planned_steps(recipe: Recipe, n_pairs: int, max_steps: int | None) -> int:
+    t = recipe.train
+    steps = max_steps if max_steps is not None else t.max_steps
+    if steps and steps > 0:
+        return steps
+    per_epoch = math.ceil(math.ceil(n_pairs / t.batch_size) / t.grad_accum)
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def eval_block(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: float(metrics[key]) for name, key in EVAL_KEYS.items()}
+
+
+def count_parameters(model) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT counts 4-bit packed weights correctly
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+@dataclass
+class Prepared:
+    """Everything checked before a model weight is loaded."""
+
+    recipe: Recipe
+    backend: Any
+    path: str
+    tokenizer: Any
+    train_rows: list[dict[str, str]]
+    eval_rows: list[dict[str, str]]
+    lengths: Any
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Validate recipe, data and model location, and load the tokenizer; no model weights yet."""
+    from pipeline import model as model_mod
+
+    cfg.validate(recipe)
+    backend = model_mod.resolve_backend(recipe)
+    train_pairs, eval_pairs = data_mod.load_splits(recipe.data)
+    path = model_mod.resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
+    tokenizer = model_mod.load_tokenizer(recipe, path)
+    system = recipe.data.system_prompt
+    train_rows = data_mod.templated(tokenizer, train_pairs, system)
+    eval_rows = data_mod.templated(tokenizer, eval_pairs, system)
+    lengths = data_mod.check_lengths(tokenizer, train_rows, train_pairs, recipe.data.max_length, "data.train")
+    eval_lengths = data_mod.check_lengths(tokenizer, eval_rows, eval_pairs, recipe.data.max_length, "data.eval")
+    t = recipe.train
+    if t.group_by_length:  # training reads rows in this order (sequential sampler)
+        train_order = data_mod.grouped_order(lengths.lengths, t.batch_size, t.seed)
+    else:
+        train_order = list(range(len(train_rows)))  # the trainer's random sampler shuffles
+    # evaluation reads rows sorted by length, in the same batches as the reference pass
+    eval_order = sorted(range(len(eval_rows)), key=lambda i: eval_lengths.lengths[i])
+    return Prepared(recipe, backend, path, tokenizer, [train_rows[i] for i in train_order],
+                    [eval_rows[i] for i in eval_order], lengths)
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None) -> tuple[dict[str, Any], Path]:
+    """Run DPO for `recipe`; returns (summary, run folder). The folder is made only after all checks pass."""
+    wall_start = time.perf_counter()
+    quiet_libraries()
+    prep = prepare(recipe)
+    run_dir = runs.new_run_dir(recipe.name, str(run_dir) if run_dir else None)
+    print(f"[twin-dpo] {recipe.name}: run folder {run_dir}", flush=True)
+    backend = prep.backend
+    threads = set_threads(recipe.train.threads)
+    from pipeline.model import precision
+
+    prec = precision(recipe, backend.device)
+    print(f"[twin-dpo] backend: {backend.name} ({backend.reason}); device: {runs.device_name(backend.device)}; "
+          f"{prec.describe()}; threads: {threads}", flush=True)
+    if prep.lengths.truncated:
+        print(f"[twin-dpo] note: {prep.lengths.truncated} of {prep.lengths.pairs} train pairs are longer than "
+              f"data.max_length={recipe.data.max_length} and will be cut", flush=True)
+    runs.write_text_atomic(run_dir / "recipe.json", cfg.dumps(recipe))
+
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from pipeline import model as model_mod
+
+    load_start = time.perf_counter()
+    loaded = model_mod.load(recipe, backend, tokenizer=prep.tokenizer)
+    load_seconds = time.perf_counter() - load_start
+
+    total_steps = planned_steps(recipe, len(prep.train_rows), max_steps)
+    args = dpo_args(recipe, run_dir, backend.device, total_steps, max_steps)
+    log = _callbacks(run_dir, total_steps)
+    train_start = time.perf_counter()
+    trainer = DPOTrainer(
+        model=loaded.model,
+        ref_model=loaded.ref_model,
+        args=args,
+        train_dataset=Dataset.from_list(prep.train_rows),
+        eval_dataset=Dataset.from_list(prep.eval_rows),
+        processing_class=loaded.tokenizer,
+        peft_config=loaded.peft_config,
+        callbacks=[log],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    head = "completion-only (pipeline.fast)" if recipe.train.fast_head and fast.install_on_trainer(trainer) else "TRL's fused head"
+    reference_info: dict[str, Any] = {"reference_cache": None, "reference_reused": False, "reference_seconds": 0.0}
+    if recipe.train.precompute_ref:
+        reference_info = reference.attach(trainer, reference.default_cache_dir())
+        if trainer.ref_model is not None:  # full DPO: its log-probs are stored, the copy can go
+            trainer.ref_model = None
+            loaded.ref_model = None
+        how = "reused from" if reference_info["reference_reused"] else "computed and cached in"
+        print(f"[twin-dpo] reference log-probs {how} {reference_info['reference_cache']} ({reference_info['reference_seconds']:.0f} s)", flush=True)
+    eval_seconds = 0.0
+    original_evaluate = trainer.evaluate
+
+    def timed_evaluate(*a, **kw):  # evaluation time is reported apart from training time
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        try:
+            return original_evaluate(*a, **kw)
+        finally:
+            eval_seconds += time.perf_counter() - t0
+
+    trainer.evaluate = timed_evaluate
+    try:
+        print("[twin-dpo] held-out evaluation of the untouched twin", flush=True)
+        before = eval_block(trainer.evaluate())
+        trainer.train()
+        # the periodic evaluation may have just run at the final step: reuse it rather than pay twice
+        evaluated_at_end = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
+        after = eval_block(evaluated_at_end[-1] if evaluated_at_end else trainer.evaluate())
+    finally:
+        log.close()
+    train_seconds = time.perf_counter() - train_start - eval_seconds
+
+    policy = trainer.model
+    artifact = "adapter" if recipe.method == "lora" else "model"
+    with runs.atomic_dir(run_dir / artifact) as tmp:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        if artifact == "model":
+            loaded.tokenizer.save_pretrained(tmp)
+
+    state = trainer.state
+    pairs_seen = state.global_step * recipe.train.batch_size * recipe.train.grad_accum
+    if args.max_steps <= 0:  # epoch-bound: the last batch of an epoch may be short
+        pairs_seen = min(pairs_seen, math.ceil(len(prep.train_rows) * recipe.train.epochs))
+    tokens = trainer._total_train_tokens
+    trainable, total = count_parameters(policy)
+    peak, peak_kind = runs.peak_memory(backend.device)
+    train_logs = [row for row in state.log_history if "loss" in row]
+    summary = {
+        "status": "completed",
+        "recipe": recipe.name,
+        "method": recipe.method,
+        "load_in_4bit": recipe.model.load_in_4bit,
+        "reference": ("base with the adapter switched off" if recipe.method == "lora" else "separate frozen copy of the model")
+        + ("; its log-probs computed once before training" if recipe.train.precompute_ref else "; run at every step"),
+        **reference_info,
+        "lm_head": head,
+        "backend": backend.name,
+        "backend_reason": backend.reason,
+        "device": runs.device_name(backend.device),
+        "precision": prec.describe(),
+        "model_path": loaded.path,
+        "steps": state.global_step,
+        "pairs_trained": pairs_seen,
+        "tokens_trained": tokens,
+        "wall_seconds": round(time.perf_counter() - wall_start, 2),
+        "load_seconds": round(load_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "pairs_per_second": round(pairs_seen / train_seconds, 4),
+        "tokens_per_second": round(tokens / train_seconds, 2),
+        "mean_tokens_per_sequence": round(prep.lengths.mean_tokens, 1),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "eval_before": before,
+        "eval_after": after,
+        "artifact": artifact,
+        "versions": runs.versions(),
+    }
+    runs.write_json_atomic(run_dir / "summary.json", summary)
+    return summary, run_dir
+
+
+def describe(summary: dict[str, Any], run_dir: Path) -> str:
+    b, a = summary["eval_before"], summary["eval_after"]
+    return "\n".join([
+        f"done: {summary['steps']} steps, {summary['pairs_trained']} pairs in {summary['train_seconds']:.0f} s "
+        f"({summary['pairs_per_second']:.2f} pairs/s, {summary['tokens_per_second']:.0f} tokens/s); "
+        f"model load {summary['load_seconds']:.0f} s, evaluation {summary['eval_seconds']:.0f} s; "
+        f"peak memory {runs.human_bytes(summary['peak_memory_bytes'])}",
+        f"held-out ({summary['backend']}): reward accuracy {b['reward_accuracy']:.3f} -> {a['reward_accuracy']:.3f}, "
+        f"margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, loss {b['loss']:.4f} -> {a['loss']:.4f}",
+        f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,}",
+        f"run folder: {run_dir}  ({summary['artifact']}/, metrics.jsonl, summary.json)",
+    ])

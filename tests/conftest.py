@@ -1,0 +1,112 @@
+"""Tiny real models, built in code: a byte-level BPE tokenizer trained on our own data, and 2-layer
+Llama / Qwen2 models with random weights. A whole LoRA DPO run on them takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus() -> list[str]:
+    from pipeline.data import EMBEDDED
+
+    texts = []
+    for path in EMBEDDED.values():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            texts += [row["prompt"], row["chosen"], row["rejected"]]
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None)
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_model(family: str, vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
+    return Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
+
+
+def save_tiny(folder: Path, family: str) -> Path:
+    tokenizer = build_tokenizer()
+    model = build_model(family, len(tokenizer))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict[str, Path]:
+    """16 train and 8 held-out pairs from the embedded set."""
+    from pipeline.data import EMBEDDED
+
+    folder = tmp_path_factory.mktemp("data")
+    out = {}
+    for name, n in (("train", 16), ("heldout", 8)):
+        lines = EMBEDDED[f"embedded:{name}"].read_text(encoding="utf-8").splitlines()[:n]
+        out[name] = folder / f"{name}.jsonl"
+        out[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Each test runs in its own folder with its own cache, so runs/ and .cache/ never leak between tests."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TWIN_DPO_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_recipe(model_dir: Path, data: dict[str, Path], **train):
+    """The shipped LoRA recipe pointed at a tiny model and small data, fp32 so results do not depend on the CPU."""
+    from recipes.dpo_lora import recipe
+
+    settings = dict(learning_rate=1e-3, warmup_steps=0, eval_every=0.0, batch_size=2)
+    settings.update(train)
+    return replace(
+        recipe,
+        model=replace(recipe.model, name_or_path=str(model_dir), dtype="float32", max_seq_length=512),
+        data=replace(recipe.data, train=str(data["train"]), eval=str(data["heldout"]), max_length=512),
+        train=replace(recipe.train, **settings),
+    )
