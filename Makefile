@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 CONSTRAINTS := constraints/cpu.txt
 STAMP := $(VENV)/.twin-dpo-setup
+GGUF_STAMP := $(VENV)/.twin-dpo-gguf
 TORCH := torch==2.13.0
 RUN ?=
 SET ?=
@@ -17,7 +18,7 @@ STEPS ?=
 SETS := $(foreach s,$(SET),--set $(s))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup dpo-lora dpo-qlora dpo-full test test-slow clean
+.PHONY: help setup setup-gguf dpo-lora dpo-qlora dpo-full export test test-slow clean
 
 help: ## list the targets
 	@echo "twin-dpo — DPO for a twin language model, on CPU or one GPU"
@@ -36,6 +37,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $@
 	@echo "[twin-dpo] .venv is ready"
 
+setup-gguf: $(GGUF_STAMP) ## add llama-cpp-python for GGUF export (builds llama.cpp once: ~7 min on 2 cores)
+
+$(GGUF_STAMP): $(STAMP)
+	@echo "[twin-dpo] installing llama-cpp-python: pip builds llama.cpp from source once (about 7 minutes on 2 cores), then reuses the wheel"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[gguf]'
+	@touch $@
+
 STEPFLAG := $(if $(STEPS),--max-steps $(STEPS),)
 
 dpo-lora: setup ## LoRA DPO on the embedded twin (reference = adapter off); ~5 min on 2 cores
@@ -47,7 +55,10 @@ dpo-qlora: setup ## the same with the base in 4-bit NF4
 dpo-full: setup ## full DPO with a separate frozen reference (the baseline)
 	$(PY) -m pipeline train dpo_full $(STEPFLAG) $(SETS)
 
-test: setup ## the fast test suite on tiny models (a few minutes)
+export: setup-gguf ## export the newest run (or RUN=runs/...): adapter, merged, GGUF, Modelfile, with proofs
+	$(PY) -m pipeline export $(RUN) $(SETS)
+
+test: setup setup-gguf ## the fast test suite on tiny models (a few minutes)
 	$(PY) -m pytest -q
 
 test-slow: setup ## end-to-end tests on the embedded SmolLM2-135M

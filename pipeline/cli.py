@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
     train.add_argument("--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>")
 
+    export = sub.add_parser("export", help="export a run: adapter, merged weights, GGUF, Ollama Modelfile, with proofs")
+    export.add_argument("run", nargs="?", default=None, help="run folder (default: the newest finished run in runs/)")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override export fields, e.g. --set export.formats=merged,gguf-f16")
+
     show = sub.add_parser("recipe", help="print a recipe, resolved with --set overrides, as JSON")
     show.add_argument("recipe")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -51,6 +56,16 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from pipeline import export
+
+    report, folder = export.export(args.run, args.overrides)
+    sizes = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in report["files"].items()
+                      if name.endswith((".gguf", ".safetensors")) or name == "Modelfile")
+    print(f"export: {folder} in {report['seconds']:.0f} s ({sizes})", flush=True)
+    return 0
+
+
 def _cmd_recipe(args) -> int:
     from pipeline import config
 
@@ -58,7 +73,7 @@ def _cmd_recipe(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "recipe": _cmd_recipe}
+COMMANDS = {"train": _cmd_train, "export": _cmd_export, "recipe": _cmd_recipe}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,14 @@ class ExportConfig:
     """What `make export` writes: adapter, merged, gguf-f16, gguf-q8_0, gguf-q4_k_m."""
     merged_dtype: str = "float16"
     """dtype of the merged safetensors: float16 or bfloat16."""
+    temperature: float = 0.7
+    """Ollama Modelfile default sampling temperature."""
+    top_p: float = 0.9
+    """Ollama Modelfile default nucleus sampling share."""
+    repeat_penalty: float = 1.1
+    """Ollama Modelfile default repetition penalty (1 = off)."""
+    num_ctx: int = 2048
+    """Ollama Modelfile context window in tokens."""
 
 
 @dataclass(frozen=True)
@@ -335,7 +343,11 @@ def validate(recipe: Recipe) -> Recipe:
     need(t.seed >= 0, "train.seed", "must be >= 0")
     need(t.threads >= 0, "train.threads", "must be >= 0")
     bad = [f for f in e.formats if f not in EXPORT_FORMATS]
-    need(not bad, "export.formats", f"must be a subset of {', '.join(EXPORT_FORMATS)}")
+    need(not bad and len(e.formats) > 0, "export.formats", f"must be a non-empty subset of {', '.join(EXPORT_FORMATS)}")
+    need(e.temperature >= 0, "export.temperature", "must be >= 0")
+    need(0 < e.top_p <= 1, "export.top_p", "must be in (0, 1]")
+    need(e.repeat_penalty > 0, "export.repeat_penalty", "must be > 0")
+    need(e.num_ctx >= 16, "export.num_ctx", "must be >= 16")
     if problems:
         raise UserError(problems)
     return recipe

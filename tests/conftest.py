@@ -59,9 +59,31 @@ def build_model(family: str, vocab_size: int, seed: int = 0):
     return Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
 
 
+def pretrain(model, tokenizer, steps: int = 120, seed: int = 0):
+    """A few seconds of language modelling on our corpus, so the tiny model predicts with confidence and
+    uses attention: a random one has near-tied logits everywhere, which hides layout bugs (a missing q/k
+    permutation) and makes numerically equivalent files disagree on ties."""
+    import torch
+
+    torch.manual_seed(seed)
+    ids = torch.tensor([t for text in _corpus() for t in tokenizer(text + tokenizer.eos_token)["input_ids"]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,))
+        batch = torch.stack([ids[s:s + 64] for s in starts.tolist()])
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss)
+
+
 def save_tiny(folder: Path, family: str) -> Path:
     tokenizer = build_tokenizer()
     model = build_model(family, len(tokenizer))
+    pretrain(model, tokenizer)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
