@@ -77,7 +77,7 @@ def pretrain(model, tokenizer, steps: int = 120, seed: int = 0):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def save_tiny(folder: Path, family: str) -> Path:
