@@ -18,7 +18,7 @@ STEPS ?=
 SETS := $(foreach s,$(SET),--set $(s))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gguf dpo-lora dpo-qlora dpo-full export test test-slow clean
+.PHONY: help setup setup-gguf dpo-lora dpo-qlora dpo-full evaluate compare sweep export test test-slow clean
 
 help: ## list the targets
 	@echo "twin-dpo — DPO for a twin language model, on CPU or one GPU"
@@ -54,6 +54,16 @@ dpo-qlora: setup ## the same with the base in 4-bit NF4
 
 dpo-full: setup ## full DPO with a separate frozen reference (the baseline)
 	$(PY) -m pipeline train dpo_full $(STEPFLAG) $(SETS)
+
+evaluate: setup ## answer the fixed questions with the newest run (or RUN=...) and the untouched twin
+	$(PY) -m pipeline evaluate $(RUN)
+
+compare: setup ## LoRA vs QLoRA vs full DPO vs plain TRL -> reports/compare/ (~35 min; STEPS=N for a quick one)
+	$(PY) -m pipeline compare $(if $(STEPS),--steps $(STEPS),) $(SETS)
+
+GRID ?= train.learning_rate=5e-6,1e-5,2e-5 train.beta=0.1,0.5
+sweep: setup ## 6 light LoRA DPO runs ranked by held-out accuracy and voice -> reports/sweep/ (GRID='k=v1,v2 ...')
+	$(PY) -m pipeline sweep dpo_lora $(foreach g,$(GRID),--grid $(g)) $(if $(STEPS),--steps $(STEPS),) $(SETS)
 
 export: setup-gguf ## export the newest run (or RUN=runs/...): adapter, merged, GGUF, Modelfile, with proofs
 	$(PY) -m pipeline export $(RUN) $(SETS)

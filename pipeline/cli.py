@@ -25,11 +25,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a recipe field, e.g. --set train.learning_rate=5e-6 (repeatable)")
     train.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
     train.add_argument("--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>")
+    train.add_argument("--no-eval", action="store_true", help="skip answering the fixed questions after training")
+
+    evaluate = sub.add_parser("evaluate", help="answer the fixed questions with the untouched twin and a run; style metrics")
+    evaluate.add_argument("run", nargs="?", default=None, help="run folder (default: the newest finished run in runs/)")
 
     export = sub.add_parser("export", help="export a run: adapter, merged weights, GGUF, Ollama Modelfile, with proofs")
     export.add_argument("run", nargs="?", default=None, help="run folder (default: the newest finished run in runs/)")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override export fields, e.g. --set export.formats=merged,gguf-f16")
+
+    compare = sub.add_parser("compare", help="LoRA vs QLoRA vs full DPO vs plain TRL: curves and a cost table")
+    compare.add_argument("--steps", type=int, default=None, metavar="N", help="stop every run after N steps (a quick version)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a field in every compared recipe")
+    compare.add_argument("--out", default="reports/compare", help="report folder (default reports/compare)")
+
+    sweep = sub.add_parser("sweep", help="train a grid of variants and rank them by held-out accuracy and voice")
+    sweep.add_argument("recipe")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help=f"values to try (repeatable); default: {' '.join('--grid ' + g for g in ('train.learning_rate=5e-6,1e-5,2e-5', 'train.beta=0.1,0.5'))}")
+    sweep.add_argument("--steps", type=int, default=None, metavar="N")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--out", default="reports/sweep", help="report folder (default reports/sweep)")
 
     show = sub.add_parser("recipe", help="print a recipe, resolved with --set overrides, as JSON")
     show.add_argument("recipe")
@@ -53,6 +71,19 @@ def _cmd_train(args) -> int:
 
     summary, run_dir = train.train(recipe, args.run_dir, max_steps=args.max_steps)
     print(train.describe(summary, run_dir), flush=True)
+    if not args.no_eval:
+        from pipeline import evaluate
+
+        print("[twin-dpo] answering the fixed questions (evaluate)", flush=True)
+        print(evaluate.describe(evaluate.evaluate(run_dir)) + f"; samples: {run_dir / 'samples.md'}", flush=True)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from pipeline import evaluate
+
+    report = evaluate.evaluate(args.run)
+    print(evaluate.describe(report) + f"; samples: {Path(report['run']) / 'samples.md'}", flush=True)
     return 0
 
 
@@ -66,6 +97,22 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from pipeline import experiments
+
+    path = experiments.compare(args.steps, args.overrides, Path(args.out))
+    print(f"compare: {path} and {path.parent / 'curves.png'}", flush=True)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from pipeline import experiments
+
+    path = experiments.sweep(args.recipe, args.grid, args.steps, args.overrides, Path(args.out))
+    print(f"sweep: {path} and {path.parent / 'curves.png'}", flush=True)
+    return 0
+
+
 def _cmd_recipe(args) -> int:
     from pipeline import config
 
@@ -73,7 +120,8 @@ def _cmd_recipe(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "export": _cmd_export, "recipe": _cmd_recipe}
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "export": _cmd_export, "compare": _cmd_compare,
+            "sweep": _cmd_sweep, "recipe": _cmd_recipe}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"twin-dpo: error: {problem}", file=sys.stderr)
         return EXIT_USER
+    except Exception as err:
+        from pipeline.experiments import RunFailed
+
+        if not isinstance(err, RunFailed):
+            raise
+        print(f"twin-dpo: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("twin-dpo: interrupted", file=sys.stderr)
         return 130

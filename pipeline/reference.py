@@ -115,6 +115,7 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
     model during training or evaluation. Returns what happened, for the run summary.
     """
     start = time.perf_counter()
+    computed_before = STATS["computed"]
     names = ["train"] + (["eval"] if trainer.eval_dataset is not None else [])
     datasets = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
     key = cache_key(trainer, [datasets[n] for n in names], trainer.args.max_length)
@@ -151,6 +152,7 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
     trainer.precompute_ref_logps = True
     trainer.args.precompute_ref_log_probs = True
     return {"reference_cache": str(path) if path else None, "reference_reused": reused,
+            "reference_forward_passes": STATS["computed"] - computed_before,  # datasets run through the reference
             "reference_seconds": round(time.perf_counter() - start, 2)}
 
 

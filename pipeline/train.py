@@ -253,7 +253,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
 
     trainer.remove_callback(PrinterCallback)
     head = "completion-only (pipeline.fast)" if recipe.train.fast_head and fast.install_on_trainer(trainer) else "TRL's fused head"
-    reference_info: dict[str, Any] = {"reference_cache": None, "reference_reused": False, "reference_seconds": 0.0}
+    reference_info: dict[str, Any] = {"reference_cache": None, "reference_reused": False, "reference_forward_passes": None,
+                                      "reference_seconds": 0.0}
     if recipe.train.precompute_ref:
         reference_info = reference.attach(trainer, reference.default_cache_dir())
         if trainer.ref_model is not None:  # full DPO: its log-probs are stored, the copy can go
@@ -328,6 +329,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         "trainable_parameters": trainable,
         "total_parameters": total,
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "eval_pairs": len(prep.eval_rows),
         "eval_before": before,
         "eval_after": after,
         "artifact": artifact,
