@@ -18,7 +18,7 @@ STEPS ?=
 SETS := $(foreach s,$(SET),--set $(s))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gguf dpo-lora dpo-qlora dpo-full evaluate compare sweep export test test-slow clean
+.PHONY: help setup setup-gguf dpo-lora dpo-qlora dpo-full sft dpo-lora-twin twin evaluate compare sweep export test test-slow clean
 
 help: ## list the targets
 	@echo "twin-dpo — DPO for a twin language model, on CPU or one GPU"
@@ -54,6 +54,15 @@ dpo-qlora: setup ## the same with the base in 4-bit NF4
 
 dpo-full: setup ## full DPO with a separate frozen reference (the baseline)
 	$(PY) -m pipeline train dpo_full $(STEPFLAG) $(SETS)
+
+sft: setup ## make the twin: LoRA SFT on the author's answers (recipes/sft_twin.py)
+	$(PY) -m pipeline sft sft_twin $(STEPFLAG) $(SETS)
+
+dpo-lora-twin: setup ## LoRA DPO on the newest twin adapter (make sft first); frozen copy as reference
+	$(PY) -m pipeline train dpo_lora_twin $(STEPFLAG) $(SETS)
+
+twin: setup-gguf ## sft -> DPO on the twin adapter -> export -> memory check; summary in reports/twin/ (~15 min)
+	$(PY) -m pipeline twin $(if $(STEPS),--steps $(STEPS),) $(SETS)
 
 evaluate: setup ## answer the fixed questions with the newest run (or RUN=...) and the untouched twin
 	$(PY) -m pipeline evaluate $(RUN)

@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>")
     train.add_argument("--no-eval", action="store_true", help="skip answering the fixed questions after training")
 
+    sft = sub.add_parser("sft", help="make the twin: LoRA SFT on the author's answers (recipes/sft_twin.py)")
+    sft.add_argument("recipe", nargs="?", default="sft_twin")
+    sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sft.add_argument("--max-steps", type=int, default=None, metavar="N")
+    sft.add_argument("--run-dir", default=None, metavar="DIR")
+
     evaluate = sub.add_parser("evaluate", help="answer the fixed questions with the untouched twin and a run; style metrics")
     evaluate.add_argument("run", nargs="?", default=None, help="run folder (default: the newest finished run in runs/)")
 
@@ -49,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--out", default="reports/sweep", help="report folder (default reports/sweep)")
 
+    twin = sub.add_parser("twin", help="sft -> DPO on the twin adapter -> export, with a one-page summary")
+    twin.add_argument("--steps", type=int, default=None, metavar="N")
+    twin.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    twin.add_argument("--out", default="reports/twin")
+    twin.add_argument("--formats", default=None, help="export.formats for the export step (default: the recipe's)")
+
     show = sub.add_parser("recipe", help="print a recipe, resolved with --set overrides, as JSON")
     show.add_argument("recipe")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -67,6 +79,8 @@ def _cmd_train(args) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
     recipe = _resolve(args.recipe, args.overrides)
+    if recipe.method == "sft":
+        raise UserError(f"{args.recipe} is an SFT recipe (method 'sft'); run it with `python -m pipeline sft {args.recipe}`")
     from pipeline import train
 
     summary, run_dir = train.train(recipe, args.run_dir, max_steps=args.max_steps)
@@ -76,6 +90,16 @@ def _cmd_train(args) -> int:
 
         print("[twin-dpo] answering the fixed questions (evaluate)", flush=True)
         print(evaluate.describe(evaluate.evaluate(run_dir)) + f"; samples: {run_dir / 'samples.md'}", flush=True)
+    return 0
+
+
+def _cmd_sft(args) -> int:
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    from pipeline import sft
+
+    summary, run_dir = sft.sft(_resolve(args.recipe, args.overrides), args.run_dir, max_steps=args.max_steps)
+    print(sft.describe(summary, run_dir), flush=True)
     return 0
 
 
@@ -113,6 +137,14 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_twin(args) -> int:
+    from pipeline import experiments
+
+    path = experiments.twin(args.steps, args.overrides, Path(args.out), formats=args.formats)
+    print(path.read_text(), flush=True)
+    return 0
+
+
 def _cmd_recipe(args) -> int:
     from pipeline import config
 
@@ -120,8 +152,8 @@ def _cmd_recipe(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "export": _cmd_export, "compare": _cmd_compare,
-            "sweep": _cmd_sweep, "recipe": _cmd_recipe}
+COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "evaluate": _cmd_evaluate, "export": _cmd_export, "compare": _cmd_compare,
+            "sweep": _cmd_sweep, "twin": _cmd_twin, "recipe": _cmd_recipe}
 
 
 def main(argv: list[str] | None = None) -> int:

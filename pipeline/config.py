@@ -45,6 +45,12 @@ class ModelConfig:
     """Load `.bin`/`.pt` weights (pickle, can run code) when a folder has no safetensors. Off by default."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for a Hub model; None = the default branch."""
+    adapter: str | None = None
+    """The twin as a LoRA adapter on the base: an adapter folder, a run folder, or `runs:<recipe>` (its newest
+    finished run). DPO then trains a copy of it against a frozen copy as the reference. None = the base is the twin."""
+    twin_reference: str = "adapter-copy"
+    """With `adapter`: `adapter-copy` (a frozen copy of the adapter on the shared base: the base is in memory once)
+    or `merged-copy` (the adapter merged into a second full copy of the base: the memory it costs, for comparison)."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,8 @@ class Recipe:
     name: str = "dpo-lora"
     """Name of the recipe, used in run folder names."""
     method: str = "lora"
-    """`lora` (a trainable adapter, reference = adapter off) or `full` (all weights, a separate frozen reference)."""
+    """`lora` (a trainable adapter, reference = adapter off), `full` (all weights, a separate frozen reference) or
+    `sft` (LoRA supervised fine-tuning on the chosen answers: how the twin itself is made)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -156,7 +163,8 @@ class Recipe:
 SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig, "export": ExportConfig}
 
 CHOICES = {
-    "method": ("lora", "full"),
+    "method": ("lora", "full", "sft"),
+    "model.twin_reference": ("adapter-copy", "merged-copy"),
     "model.backend": ("auto", "hf", "unsloth"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "lora.bias": ("none", "all", "lora_only"),
@@ -319,6 +327,8 @@ def validate(recipe: Recipe) -> Recipe:
     need(bool(recipe.name.strip()) and "/" not in recipe.name, "name", "must be a non-empty name without '/'")
     need(bool(m.name_or_path.strip()), "model.name_or_path", "must name a model folder, Hub id or embedded model")
     need(m.max_seq_length >= 16, "model.max_seq_length", "must be >= 16")
+    if m.adapter is not None and recipe.method != "lora":
+        problems.append(f"model.adapter: a twin adapter is trained further with method 'lora', not {recipe.method!r}")
     if m.load_in_4bit and recipe.method == "full":
         problems.append("model.load_in_4bit: a 4-bit base can only be trained with method 'lora' (QLoRA); set method=lora or load_in_4bit=false")
     need(lo.r >= 1, "lora.r", "must be >= 1")

@@ -55,7 +55,10 @@ def _fingerprint(path: str, recipe) -> str:
     except ImportError:  # pragma: no cover
         h = hashlib.sha256()
     folder = Path(path)
-    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if recipe.model.adapter:  # a twin adapter is part of the untouched twin
+        files += sorted(Path(recipe.model.adapter).glob("*.safetensors"))
+    for f in files:
         with f.open("rb") as handle:
             while chunk := handle.read(1 << 24):
                 h.update(chunk)
@@ -81,6 +84,18 @@ def _models(recipe, run_dir: Path, artifact: str, path: str):
         from peft import PeftModel
 
         policy = PeftModel.from_pretrained(model_mod.load_base(fp32, path, backend), run_dir / "adapter").eval()
+        if recipe.model.adapter:  # the untouched twin is the base with its SFT adapter
+            policy.load_adapter(recipe.model.adapter, adapter_name="twin")
+
+            @contextlib.contextmanager
+            def twin():
+                policy.set_adapter("twin")
+                try:
+                    yield policy
+                finally:
+                    policy.set_adapter("default")
+
+            return contextlib.nullcontext(policy), twin
 
         @contextlib.contextmanager
         def adapter_off():  # the untouched twin is the same base with the adapter switched off

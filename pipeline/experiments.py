@@ -164,3 +164,79 @@ def sweep(recipe_spec: str, grid: list[str], steps: int | None, overrides: list[
     lines.append(f"_Generated in {time.perf_counter() - start:.0f} s by `python -m pipeline sweep`._")
     runs.write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def twin(steps: int | None, overrides: list[str], out: Path = Path("reports/twin"), memory_steps: int = 10,
+         formats: str | None = None) -> Path:
+    """SFT makes the twin -> DPO on the twin adapter -> export, then the memory of the two ways to hold the
+    reference, measured on the same data and steps; one summary page."""
+    for spec in ("sft_twin", "dpo_lora_twin"):
+        cfg.validate(cfg.apply_overrides(cfg.load_recipe(spec), overrides))
+    out = _fresh(out)
+    start = time.perf_counter()
+    py = [sys.executable, "-m", "pipeline"]
+    sft_dir, dpo_dir = out / "runs" / "sft-twin", out / "runs" / "dpo-lora-twin"
+    _run([*py, "sft", "sft_twin", "--run-dir", str(sft_dir), *_flags(steps, overrides)], "1/4 sft")
+    _run([*py, "evaluate", str(sft_dir)], "1/4 sft evaluate")
+    twin_sets = overrides + [f"model.adapter={sft_dir}"]
+    _run([*py, "train", "dpo_lora_twin", "--run-dir", str(dpo_dir), *_flags(steps, twin_sets)], "2/4 dpo on the twin adapter")
+    export_sets = ["--set", f"export.formats={formats}"] if formats else []
+    _run([*py, "export", str(dpo_dir), *export_sets], "3/4 export")
+    memory = {}
+    for kind in ("adapter-copy", "merged-copy"):
+        folder = out / "runs" / f"memory-{kind}"
+        sets = twin_sets + [f"model.twin_reference={kind}", "train.precompute_ref=false", "train.eval_every=0"]
+        _run([*py, "train", "dpo_lora_twin", "--run-dir", str(folder), "--no-eval", *_flags(memory_steps, sets)],
+             f"4/4 memory, reference as {kind}")
+        memory[kind] = runs.read_json(folder / "summary.json")
+    page = twin_page(report.load(sft_dir, "sft-twin"), report.load(dpo_dir, "dpo-lora-twin"), memory, out,
+                     time.perf_counter() - start)
+    runs.write_text_atomic(out / "summary.md", page)
+    return out / "summary.md"
+
+
+def twin_page(sft_run: report.Run, dpo_run: report.Run, memory: dict, out: Path, seconds: float) -> str:
+    s, d = sft_run.summary, dpo_run.summary
+    sb, sa = s["eval_before"], s["eval_after"]
+    db, da = d["eval_before"], d["eval_after"]
+    style_rows = ["| answers of | " + " | ".join(c[1] for c in report.STYLE_COLUMNS) + " |",
+                  "|---|" + "---|" * len(report.STYLE_COLUMNS)]
+    for label, values in (("the instruct model", (sft_run.eval or {}).get("style", {}).get("before")),
+                          ("the SFT twin", (dpo_run.eval or {}).get("style", {}).get("before")),
+                          ("the DPO twin", (dpo_run.eval or {}).get("style", {}).get("after")),
+                          ("the author (held-out answers)", (dpo_run.eval or {}).get("style", {}).get("author_reference"))):
+        if values:
+            style_rows.append(f"| {label} | " + " | ".join(fmt.format(values[k]) for k, _, fmt in report.STYLE_COLUMNS) + " |")
+    a, m = memory["adapter-copy"], memory["merged-copy"]
+    exported = runs.read_json(dpo_run.folder / "export" / "export.json") if (dpo_run.folder / "export" / "export.json").is_file() else {}
+    lines = [
+        "# The twin, end to end: SFT -> DPO on the twin adapter -> export", "",
+        f"{s['device']}; {s['precision']}; {seconds / 60:.1f} minutes in all.", "",
+        "## 1. SFT makes the twin", "",
+        f"LoRA SFT of the instruct model on the author's {s['train_examples']} train answers: {s['steps']} steps in "
+        f"{s['train_seconds']:.0f} s. Held-out loss on the author's {s['eval_examples']} unseen answers "
+        f"**{sb['loss']:.3f} -> {sa['loss']:.3f}** (perplexity {sb['perplexity']:.2f} -> {sa['perplexity']:.2f}).", "",
+        "## 2. DPO on the twin adapter", "",
+        f"Reference: {d['reference']}. {d['steps']} steps, {d['pairs_trained']} pairs in {d['train_seconds']:.0f} s "
+        f"({d['pairs_per_second']:.2f} pairs/s). Held-out reward accuracy **{db['reward_accuracy']:.3f} -> "
+        f"{da['reward_accuracy']:.3f}**, margin {db['reward_margin']:.3f} -> {da['reward_margin']:.3f}, DPO loss "
+        f"{db['loss']:.3f} -> {da['loss']:.3f}.", "",
+        "Style of the greedy answers to the fixed questions:", "", *style_rows, "",
+        "## 3. Memory: one base with two adapters vs a second full copy", "",
+        f"Same data, {a['steps']} steps each, the reference run at every step (no precomputed log-probs), "
+        f"peak memory as {a['peak_memory_kind']}:", "",
+        "| reference held as | peak memory | s/step | parameters in memory |", "|---|---|---|---|",
+        f"| frozen copy of the adapter on the shared base | {runs.human_bytes(a['peak_memory_bytes'])} | "
+        f"{a['train_seconds'] / max(1, a['steps']):.2f} | {a['total_parameters']:,} |",
+        f"| adapter merged into a second full copy | {runs.human_bytes(m['peak_memory_bytes'])} | "
+        f"{m['train_seconds'] / max(1, m['steps']):.2f} | {m['total_parameters']:,} + a full copy |", "",
+        f"The shared base saves {runs.human_bytes(m['peak_memory_bytes'] - a['peak_memory_bytes'])} "
+        f"({1 - a['peak_memory_bytes'] / m['peak_memory_bytes']:.0%}) here.", "",
+        "## 4. Files", "",
+        f"- SFT twin adapter: `{sft_run.folder / 'adapter'}`",
+        f"- DPO twin adapter: `{dpo_run.folder / 'adapter'}`",
+        *[f"- export: `{dpo_run.folder / 'export' / name}` ({size / 2**20:.1f} MB)" for name, size in exported.get("files", {}).items()
+          if name.endswith((".gguf", ".safetensors")) or name == "Modelfile"],
+        f"- samples: `{sft_run.folder / 'samples.md'}`, `{dpo_run.folder / 'samples.md'}`",
+    ]
+    return "\n".join(lines) + "\n"

@@ -329,7 +329,14 @@ def load(recipe: Recipe, backend: Backend, tokenizer=None) -> Loaded:
     model = load_base(recipe, path, backend)
     ref_model = None
     config = None
-    if recipe.method == "lora":
+    if recipe.model.adapter:
+        from pipeline import adapters
+
+        adapter_dir = adapters.resolve(recipe.model.adapter)
+        if recipe.model.twin_reference == "merged-copy":
+            ref_model = adapters.merged_copy(lambda: load_base(recipe, path, backend), adapter_dir)
+        model = adapters.load_policy(model, adapter_dir)  # TRL copies it into a frozen `ref` adapter
+    elif recipe.method in ("lora", "sft"):
         config = peft_config(recipe, model)
     else:
         # full DPO needs a second, frozen copy as the reference (the memory LoRA saves); with

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from pipeline.config import Recipe
 from pipeline.errors import UserError
 
 EVAL_BATCH = 8  # pairs per evaluation forward: the reference pass's batches, so untrained rewards are exactly 0
+POSTFIX = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"),
+           ("mean_token_accuracy", "token accuracy"))
 EVAL_KEYS = {"reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eval_rewards/margins", "loss": "eval_loss"}
 
 
@@ -49,7 +51,7 @@ def set_threads(threads: int) -> int:
 # ------------------------------------------------------------------ callbacks
 
 
-def _callbacks(run_dir: Path, total_steps: int):
+def callbacks(run_dir: Path, total_steps: int, desc: str = "DPO"):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -62,7 +64,7 @@ def _callbacks(run_dir: Path, total_steps: int):
             self.handle = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=total_steps, desc="DPO", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -74,17 +76,11 @@ def _callbacks(run_dir: Path, total_steps: int):
             self.handle.write(json.dumps(row) + "\n")
             self.handle.flush()
             if self.bar is not None and "loss" in logs:
-                self.bar.set_postfix(
-                    loss=f"{logs['loss']:.3f}",
-                    acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}",
-                    margin=f"{logs.get('rewards/margins', float('nan')):.3f}",
-                )
+                shown = {label: logs[key] for key, label in POSTFIX if key in logs}
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             if self.bar is not None and "eval_loss" in logs:
-                self.bar.write(
-                    f"  step {state.global_step}: held-out loss {logs['eval_loss']:.4f}, "
-                    f"reward accuracy {logs.get('eval_rewards/accuracies', float('nan')):.3f}, "
-                    f"margin {logs.get('eval_rewards/margins', float('nan')):.4f}"
-                )
+                extra = "".join(f", {label} {logs['eval_' + key]:.3f}" for key, label in POSTFIX[1:] if "eval_" + key in logs)
+                self.bar.write(f"  step {state.global_step}: held-out loss {logs['eval_loss']:.4f}{extra}")
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -99,10 +95,8 @@ def _callbacks(run_dir: Path, total_steps: int):
 # ------------------------------------------------------------------ trainer
 
 
-def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_steps: int | None):
-    """Translate the recipe into trl.DPOConfig; version differences between TRL releases live here."""
-    from trl import DPOConfig
-
+def common_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_steps: int | None) -> dict[str, Any]:
+    """The transformers.TrainingArguments both trainers (DPO, SFT) take from a recipe."""
     from pipeline.model import precision
 
     t = recipe.train
@@ -112,23 +106,19 @@ def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_s
     if optim == "auto":
         optim = "adamw_8bit" if on_gpu else "adamw_torch"
     eval_steps = max(1, math.ceil(total_steps * t.eval_every)) if t.eval_every > 0 else None
-    steps = max_steps if max_steps is not None else t.max_steps
-    return DPOConfig(
+    return dict(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
-        max_steps=steps,
+        max_steps=max_steps if max_steps is not None else t.max_steps,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=EVAL_BATCH,
         gradient_accumulation_steps=t.grad_accum,
-        beta=t.beta,
-        loss_type=[t.loss_type],
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.scheduler,
         weight_decay=t.weight_decay,
         optim=optim,
         gradient_checkpointing=t.gradient_checkpointing,
-        precompute_ref_log_probs=False,  # pipeline.reference does it, cached on disk, then switches TRL to it
         max_length=recipe.data.max_length,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if eval_steps else "no",
@@ -144,6 +134,18 @@ def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_s
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+    )
+
+
+def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_steps: int | None):
+    """Translate the recipe into trl.DPOConfig."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **common_args(recipe, run_dir, device, total_steps, max_steps),
+        beta=recipe.train.beta,
+        loss_type=[recipe.train.loss_type],
+        precompute_ref_log_probs=False,  # pipeline.reference does it, cached on disk, then switches TRL to it
     )
 
 
@@ -169,6 +171,23 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+def time_evaluations(trainer):
+    """Wrap trainer.evaluate (also called inside train()) to add up its time; returns a reader of the total.
+    Evaluation time is reported apart from training time."""
+    total = [0.0]
+    original = trainer.evaluate
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    trainer.evaluate = timed
+    return lambda: total[0]
+
+
 @dataclass
 class Prepared:
     """Everything checked before a model weight is loaded."""
@@ -190,6 +209,14 @@ def prepare(recipe: Recipe) -> Prepared:
     backend = model_mod.resolve_backend(recipe)
     train_pairs, eval_pairs = data_mod.load_splits(recipe.data)
     path = model_mod.resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
+    if recipe.model.adapter:
+        from pipeline import adapters
+
+        adapter_dir = adapters.resolve(recipe.model.adapter)
+        if (Path(path) / "config.json").is_file():
+            adapters.check_fits(adapter_dir, json.loads((Path(path) / "config.json").read_text()), path)
+        # pin `runs:<recipe>` to the folder it means now, so recipe.json always names the same twin
+        recipe = replace(recipe, model=replace(recipe.model, adapter=str(adapter_dir.resolve())))
     tokenizer = model_mod.load_tokenizer(recipe, path)
     system = recipe.data.system_prompt
     train_rows = data_mod.templated(tokenizer, train_pairs, system)
@@ -207,11 +234,14 @@ def prepare(recipe: Recipe) -> Prepared:
                     [eval_rows[i] for i in eval_order], lengths)
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None) -> tuple[dict[str, Any], Path]:
-    """Run DPO for `recipe`; returns (summary, run folder). The folder is made only after all checks pass."""
+def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None,
+          inspect: Any = None) -> tuple[dict[str, Any], Path]:
+    """Run DPO for `recipe`; returns (summary, run folder). The folder is made only after all checks pass.
+    `inspect(trainer)`, if given, is called after training (tests look at the reference adapter there)."""
     wall_start = time.perf_counter()
     quiet_libraries()
     prep = prepare(recipe)
+    recipe = prep.recipe
     run_dir = runs.new_run_dir(recipe.name, str(run_dir) if run_dir else None)
     print(f"[twin-dpo] {recipe.name}: run folder {run_dir}", flush=True)
     backend = prep.backend
@@ -237,7 +267,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
 
     total_steps = planned_steps(recipe, len(prep.train_rows), max_steps)
     args = dpo_args(recipe, run_dir, backend.device, total_steps, max_steps)
-    log = _callbacks(run_dir, total_steps)
+    log = callbacks(run_dir, total_steps)
     train_start = time.perf_counter()
     trainer = DPOTrainer(
         model=loaded.model,
@@ -252,6 +282,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    if recipe.model.adapter and loaded.ref_model is None:
+        from pipeline import adapters
+
+        adapters.ensure_reference_copy(trainer.model)
     head = "completion-only (pipeline.fast)" if recipe.train.fast_head and fast.install_on_trainer(trainer) else "TRL's fused head"
     reference_info: dict[str, Any] = {"reference_cache": None, "reference_reused": False, "reference_forward_passes": None,
                                       "reference_seconds": 0.0}
@@ -262,18 +296,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
             loaded.ref_model = None
         how = "reused from" if reference_info["reference_reused"] else "computed and cached in"
         print(f"[twin-dpo] reference log-probs {how} {reference_info['reference_cache']} ({reference_info['reference_seconds']:.0f} s)", flush=True)
-    eval_seconds = 0.0
-    original_evaluate = trainer.evaluate
-
-    def timed_evaluate(*a, **kw):  # evaluation time is reported apart from training time
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        try:
-            return original_evaluate(*a, **kw)
-        finally:
-            eval_seconds += time.perf_counter() - t0
-
-    trainer.evaluate = timed_evaluate
+    eval_timer = time_evaluations(trainer)
     try:
         print("[twin-dpo] held-out evaluation of the untouched twin", flush=True)
         before = eval_block(trainer.evaluate())
@@ -283,12 +306,18 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         after = eval_block(evaluated_at_end[-1] if evaluated_at_end else trainer.evaluate())
     finally:
         log.close()
+    eval_seconds = eval_timer()
     train_seconds = time.perf_counter() - train_start - eval_seconds
+    if inspect is not None:
+        inspect(trainer)
 
     policy = trainer.model
     artifact = "adapter" if recipe.method == "lora" else "model"
     with runs.atomic_dir(run_dir / artifact) as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
+        if artifact == "adapter":  # the policy only, never the frozen reference copy
+            policy.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
+        else:
+            policy.save_pretrained(tmp, safe_serialization=True)
         if artifact == "model":
             loaded.tokenizer.save_pretrained(tmp)
 
@@ -305,7 +334,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         "recipe": recipe.name,
         "method": recipe.method,
         "load_in_4bit": recipe.model.load_in_4bit,
-        "reference": ("base with the adapter switched off" if recipe.method == "lora" else "separate frozen copy of the model")
+        "twin_adapter": str(adapters_dir) if (adapters_dir := _twin_adapter(recipe)) else None,
+        "reference": _reference_kind(recipe)
         + ("; its log-probs computed once before training" if recipe.train.precompute_ref else "; run at every step"),
         **reference_info,
         "lm_head": head,
@@ -337,6 +367,22 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
     }
     runs.write_json_atomic(run_dir / "summary.json", summary)
     return summary, run_dir
+
+
+def _twin_adapter(recipe: Recipe):
+    if not recipe.model.adapter:
+        return None
+    from pipeline import adapters
+
+    return adapters.resolve(recipe.model.adapter)
+
+
+def _reference_kind(recipe: Recipe) -> str:
+    if recipe.model.adapter:
+        if recipe.model.twin_reference == "merged-copy":
+            return "the twin adapter merged into a separate full copy of the base"
+        return "a frozen copy of the twin adapter on the shared base (one base in memory, two adapters)"
+    return "base with the adapter switched off" if recipe.method == "lora" else "separate frozen copy of the model"
 
 
 def describe(summary: dict[str, Any], run_dir: Path) -> str:
