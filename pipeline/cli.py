@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
     train.add_argument("--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>")
     train.add_argument("--no-eval", action="store_true", help="skip answering the fixed questions after training")
+    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
+                       help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint")
+    train.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
 
     sft = sub.add_parser("sft", help="make the twin: LoRA SFT on the author's answers (recipes/sft_twin.py)")
     sft.add_argument("recipe", nargs="?", default="sft_twin")
@@ -61,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     twin.add_argument("--out", default="reports/twin")
     twin.add_argument("--formats", default=None, help="export.formats for the export step (default: the recipe's)")
 
+    bench = sub.add_parser("bench", help="our LoRA DPO vs plain TRL, alternating runs: ratios, ablation, scaling")
+    bench.add_argument("--steps", type=int, default=30, metavar="N", help="steps per run (default 30)")
+    bench.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each (default 3)")
+    bench.add_argument("--scaling-steps", type=int, default=2, metavar="N", help="steps per scaling-table run (default 2)")
+    bench.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--out", default="reports/bench")
+
+    smoke = sub.add_parser("gpu-smoke", help="dpo-lora and dpo-qlora with the unsloth and hf backends on a CUDA GPU: one table")
+    smoke.add_argument("--steps", type=int, default=30)
+    smoke.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     show = sub.add_parser("recipe", help="print a recipe, resolved with --set overrides, as JSON")
     show.add_argument("recipe")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -83,7 +98,23 @@ def _cmd_train(args) -> int:
         raise UserError(f"{args.recipe} is an SFT recipe (method 'sft'); run it with `python -m pipeline sft {args.recipe}`")
     from pipeline import train
 
-    summary, run_dir = train.train(recipe, args.run_dir, max_steps=args.max_steps)
+    from pipeline import guard
+
+    if args.resume and args.run_dir:
+        raise UserError("--resume and --run-dir: give the run folder to --resume alone")
+    try:
+        summary, run_dir = train.train(recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force)
+    except guard.Interrupted as stop:
+        if stop.checkpoint is None:
+            print(f"twin-dpo: {stop}: stopped before the first checkpoint; nothing to resume, start again", file=sys.stderr)
+        else:
+            run = stop.checkpoint.parent.parent
+            print(f"twin-dpo: {stop}: saved {stop.checkpoint}; continue with:\n  "
+                  f"{guard.resume_command(args.recipe, args.overrides, args.max_steps, run)}", file=sys.stderr)
+        return guard.EXIT_SIGNAL[stop.signum]
+    except guard.Diverged as err:
+        print(f"twin-dpo: {err}", file=sys.stderr)
+        return guard.EXIT_DIVERGED
     print(train.describe(summary, run_dir), flush=True)
     if not args.no_eval:
         from pipeline import evaluate
@@ -145,6 +176,23 @@ def _cmd_twin(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    if args.steps < 1 or args.repeats < 1 or args.scaling_steps < 1:
+        raise UserError("bench: --steps, --repeats and --scaling-steps must be >= 1")
+    from pipeline import bench
+
+    path = bench.bench(args.steps, args.repeats, args.scaling_steps, Path(args.out), args.overrides, not args.no_scaling)
+    print(path.read_text(), flush=True)
+    return 0
+
+
+def _cmd_gpu_smoke(args) -> int:
+    from pipeline import experiments
+
+    print(experiments.gpu_smoke(args.steps, args.overrides).read_text(), flush=True)
+    return 0
+
+
 def _cmd_recipe(args) -> int:
     from pipeline import config
 
@@ -153,7 +201,8 @@ def _cmd_recipe(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "evaluate": _cmd_evaluate, "export": _cmd_export, "compare": _cmd_compare,
-            "sweep": _cmd_sweep, "twin": _cmd_twin, "recipe": _cmd_recipe}
+            "sweep": _cmd_sweep, "twin": _cmd_twin, "bench": _cmd_bench, "gpu-smoke": _cmd_gpu_smoke,
+            "recipe": _cmd_recipe}
 
 
 def main(argv: list[str] | None = None) -> int:

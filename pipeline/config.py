@@ -120,6 +120,10 @@ class TrainConfig:
     """Score only completion positions through the LM head (pipeline/fast.py); TRL's CPU path scores every position."""
     precompute_ref: bool = True
     """Compute the reference log-probs once, cache them on disk, and read them at every step (pipeline/reference.py)."""
+    save_every: int = 25
+    """Write a checkpoint every this many optimizer steps (resume, interrupts); 0 = none. 25 = four per default run."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is marked complete."""
     logging_steps: int = 1
     """Write a metrics.jsonl line every this many optimizer steps."""
     eval_every: float = 0.5
@@ -349,6 +353,8 @@ def validate(recipe: Recipe) -> Recipe:
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(t.weight_decay >= 0.0, "train.weight_decay", "must be >= 0")
     need(t.logging_steps >= 1, "train.logging_steps", "must be >= 1")
+    need(t.save_every >= 0, "train.save_every", "must be >= 0")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(0.0 <= t.eval_every <= 1.0, "train.eval_every", "must be between 0 and 1 (a share of training)")
     need(t.seed >= 0, "train.seed", "must be >= 0")
     need(t.threads >= 0, "train.threads", "must be >= 0")

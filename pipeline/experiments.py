@@ -240,3 +240,27 @@ def twin_page(sft_run: report.Run, dpo_run: report.Run, memory: dict, out: Path,
         f"- samples: `{sft_run.folder / 'samples.md'}`, `{dpo_run.folder / 'samples.md'}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def gpu_smoke(steps: int = 30, overrides: list[str] | None = None, out: Path = Path("reports/gpu-smoke")) -> Path:
+    """dpo-lora and dpo-qlora for `steps` steps with each backend (unsloth, hf) on one CUDA GPU: one table."""
+    from pipeline import model as model_mod
+
+    if not model_mod.cuda_available():
+        raise UserError("gpu-smoke needs a CUDA GPU and none was found (torch.cuda.is_available() is False)")
+    out = _fresh(out)
+    rows = []
+    for method in ("dpo_lora", "dpo_qlora"):
+        for backend in ("unsloth", "hf"):
+            folder = out / "runs" / f"{method}-{backend}"
+            sets = (overrides or []) + [f"model.backend={backend}", "train.eval_every=0"]
+            _run([sys.executable, "-m", "pipeline", "train", method, "--run-dir", str(folder), "--no-eval",
+                  *_flags(steps, sets)], f"{method} on {backend}")
+            s = runs.read_json(folder / "summary.json")
+            rows.append(f"| {s['backend']} | {method} | {s['train_seconds'] / max(1, s['steps']):.3f} | "
+                        f"{s['tokens_per_second']:.0f} | {runs.human_bytes(s['peak_memory_bytes'])} | "
+                        f"{s['eval_after']['reward_accuracy']:.3f} |")
+    table = ["| backend | method | s/step | tokens/s | peak VRAM (max allocated) | held-out reward acc. |",
+             "|---|---|---|---|---|---|", *rows]
+    runs.write_text_atomic(out / "report.md", "# GPU smoke test\n\n" + "\n".join(table) + "\n")
+    return out / "report.md"

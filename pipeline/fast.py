@@ -6,9 +6,10 @@ have a label; elsewhere (this CPU) it scores every position - prompt and
 padding included - through the whole 49k-word vocabulary, and folds four
 logging statistics into that pass. `install_completion_head` replaces that
 forward with one that projects only the completion positions (the only ones
-the DPO loss reads) and computes the logging statistics from the same logits
-without gradient. Same outputs, same gradients (tests/test_fast.py checks both
-against TRL's head); a fraction of the work on CPU.
+the DPO loss reads), a slice of positions at a time (memory: one slice of
+logits, recomputed in the backward pass), and computes the logging statistics
+from the same logits without gradient. Same outputs, same gradients
+(tests/test_fast.py checks both against TRL's head); a fraction of the work on CPU.
 """
 
 from __future__ import annotations
@@ -27,29 +28,87 @@ def _supported(model) -> bool:
     )
 
 
+CHUNK = 256  # completion positions per slice of the LM head: [256 x 49k] fp32 logits is 50 MB
+
+
+def _mm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    """log p(target) for each row of `hidden @ weight.T + bias`, a slice of rows at a time.
+
+    Forward keeps only the per-row log-normaliser; backward recomputes each slice's logits, so memory stays at
+    one [CHUNK x vocab] slice instead of [rows x vocab] saved for autograd. The logging statistics (entropy,
+    mean logit, top-1) come from the same slices, without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, want: tuple[str, ...]):
+        dtype = _mm_dtype(hidden.device.type, hidden.dtype)
+        n = hidden.shape[0]
+        log_z = hidden.new_empty(n, dtype=torch.float32)
+        log_probs = hidden.new_empty(n, dtype=torch.float32)
+        stats = {name: hidden.new_empty(n, dtype=torch.float32) for name in ("entropy", "log_sum_sq_probs", "mean_logits")
+                 if name in want}
+        top1 = hidden.new_empty(n, dtype=torch.bool) if "is_top1" in want else None
+        w = weight.to(dtype)
+        for start in range(0, n, CHUNK):
+            rows = slice(start, start + CHUNK)
+            logits = F.linear(hidden[rows].to(dtype), w, None if bias is None else bias.to(dtype)).float()
+            lz = torch.logsumexp(logits, dim=-1)
+            log_z[rows] = lz
+            log_probs[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lz
+            if "entropy" in stats or "log_sum_sq_probs" in stats:
+                log_p = logits - lz.unsqueeze(-1)
+                p = log_p.exp()
+                if "entropy" in stats:
+                    stats["entropy"][rows] = -(p * log_p).sum(-1)
+                if "log_sum_sq_probs" in stats:
+                    stats["log_sum_sq_probs"][rows] = torch.log((p * p).sum(-1))
+            if "mean_logits" in stats:
+                stats["mean_logits"][rows] = logits.mean(-1)
+            if top1 is not None:
+                top1[rows] = logits.argmax(-1) == targets[rows]
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, log_z)
+        ctx.has_bias, ctx.dtype = bias is not None, dtype
+        ctx.mark_non_differentiable(*stats.values(), *([top1] if top1 is not None else []))
+        return log_probs, stats.get("entropy"), stats.get("log_sum_sq_probs"), stats.get("mean_logits"), top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, *unused):
+        hidden, weight, bias, targets, log_z = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype = ctx.dtype
+        w = weight.to(dtype)
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (need_b and ctx.has_bias) else None
+        for start in range(0, hidden.shape[0], CHUNK):
+            rows = slice(start, start + CHUNK)
+            h = hidden[rows].to(dtype)
+            logits = F.linear(h, w, bias.to(dtype) if ctx.has_bias else None).float()
+            # d log p(t) / d logits = onehot(t) - softmax
+            d = -(logits - log_z[rows].unsqueeze(-1)).exp()
+            d.scatter_add_(-1, targets[rows].unsqueeze(-1), torch.ones_like(d[:, :1]))
+            d.mul_(grad_log_probs[rows].unsqueeze(-1))
+            if grad_h is not None:
+                grad_h[rows] = (d.to(dtype) @ w).float()
+            if grad_w is not None:
+                grad_w += (d.t().to(dtype) @ h).float()
+            if grad_b is not None:
+                grad_b += d.sum(0)
+        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
 def completion_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, outputs: tuple[str, ...]):
     """Log-probability of each target under `hidden @ weight.T (+ bias)`, plus the requested statistics.
 
     hidden: [n, H] (completion positions only); targets: [n]. Returns (log_probs, entropy, log_sum_sq_probs,
     mean_logits, is_top1); statistics not in `outputs` are None. Only log_probs carries a gradient.
     """
-    logits = F.linear(hidden, weight, bias).float()
-    log_z = torch.logsumexp(logits, dim=-1)
-    log_probs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-    entropy = log_sum_sq = mean_logits = is_top1 = None
-    with torch.no_grad():
-        if "entropy" in outputs or "log_sum_sq_probs" in outputs:
-            log_p = logits - log_z.unsqueeze(-1)
-            p = log_p.exp()
-            if "entropy" in outputs:
-                entropy = -(p * log_p).sum(-1)
-            if "log_sum_sq_probs" in outputs:
-                log_sum_sq = torch.log((p * p).sum(-1))
-        if "mean_logits" in outputs:
-            mean_logits = logits.mean(-1)
-        if "is_top1" in outputs:
-            is_top1 = logits.argmax(-1) == targets
-    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+    return _ChunkedLogProb.apply(hidden, weight, bias, targets, tuple(outputs))
 
 
 def install_completion_head(model, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")) -> bool:
@@ -95,6 +154,7 @@ def install_completion_head(model, outputs: tuple[str, ...] = ("log_probs", "ent
         )
 
     model.forward = types.MethodType(forward, model)
+    model._twin_dpo_head = f"completion-only, {CHUNK} rows per slice"  # part of the reference cache key
     return True
 
 

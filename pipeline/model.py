@@ -143,8 +143,18 @@ def resolve_backend(recipe: Recipe) -> Backend:
             raise UserError("model.backend=unsloth needs a CUDA GPU and none was found (torch.cuda.is_available() is False); use model.backend=auto or hf")
         if not has_unsloth:
             raise UserError("model.backend=unsloth: unsloth is not installed; run `make setup GPU=1` or use model.backend=auto")
+        conflicts = unsloth_conflicts()
+        if conflicts:
+            raise UserError(f"model.backend=unsloth: {'; '.join(conflicts)}; run `make setup GPU=1` (constraints/gpu.txt)")
+        if recipe.model.adapter or recipe.method == "sft":
+            raise UserError("model.backend=unsloth: twin adapters and SFT run on the hf backend for now; use model.backend=auto")
         return Backend("unsloth", "model.backend=unsloth", device)
     if has_cuda and has_unsloth:
+        conflicts = unsloth_conflicts()
+        if conflicts:
+            return Backend("hf", f"auto: unsloth is installed but {conflicts[0]}", device)
+        if recipe.model.adapter or recipe.method == "sft":
+            return Backend("hf", "auto: twin adapters and SFT run on the hf backend", device)
         return Backend("unsloth", "auto: CUDA GPU found and unsloth is installed", device)
     if has_cuda:
         return Backend("hf", "auto: CUDA GPU found but unsloth is not installed (make setup GPU=1)", device)
@@ -348,5 +358,109 @@ def load(recipe: Recipe, backend: Backend, tokenizer=None) -> Loaded:
     return Loaded(model, tokenizer, config, ref_model, backend, path)
 
 
+# ------------------------------------------------------------------ unsloth backend
+
+# Every model.* and lora.* field, and what each backend does with it. unsloth_kwargs() is the one translation;
+# tests/test_backends.py checks that this table covers every field and that both backends agree.
+FIELDS = {
+    "model.name_or_path": ("model_name", "from_pretrained(path)"),
+    "model.backend": (None, "chooses the backend itself (resolve_backend)"),
+    "model.load_in_4bit": ("load_in_4bit", "BitsAndBytesConfig(load_in_4bit=True, nf4, double quant)"),
+    "model.dtype": ("dtype", "precision(): weights dtype and autocast"),
+    "model.max_seq_length": ("max_seq_length", "not needed: transformers reads the model's own limit; checked >= data.max_length"),
+    "model.trust_remote_code": ("trust_remote_code", "trust_remote_code"),
+    "model.allow_pickle_weights": (None, "enforced before either backend loads: pickle-only folders are refused"),
+    "model.revision": ("revision", "revision"),
+    "model.adapter": (None, "PeftModel.from_pretrained on the base; on the unsloth backend a twin adapter runs on hf"),
+    "model.twin_reference": (None, "how the twin adapter's reference is held (pipeline/adapters.py)"),
+    "lora.r": ("r", "LoraConfig(r)"),
+    "lora.alpha": ("lora_alpha", "LoraConfig(lora_alpha)"),
+    "lora.dropout": ("lora_dropout", "LoraConfig(lora_dropout)"),
+    "lora.target_modules": ("target_modules", "LoraConfig(target_modules)"),
+    "lora.bias": ("bias", "LoraConfig(bias)"),
+    "lora.use_rslora": ("use_rslora", "LoraConfig(use_rslora)"),
+}
+
+
+def unsloth_kwargs(recipe: Recipe, path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Pure: the recipe as (FastLanguageModel.from_pretrained kwargs, get_peft_model kwargs or None for full)."""
+    m, lo = recipe.model, recipe.lora
+    load = {
+        "model_name": path,
+        "max_seq_length": m.max_seq_length,
+        "dtype": None if m.dtype == "auto" else m.dtype,  # None: Unsloth picks bf16 where the GPU has it, else fp16
+        "load_in_4bit": m.load_in_4bit,
+        "full_finetuning": recipe.method == "full",
+        "trust_remote_code": m.trust_remote_code,
+        "revision": m.revision,
+    }
+    if recipe.method == "full":
+        return load, None
+    peft = {
+        "r": lo.r,
+        "target_modules": list(lo.target_modules),
+        "lora_alpha": lo.alpha,
+        "lora_dropout": lo.dropout,
+        "bias": lo.bias,
+        "use_gradient_checkpointing": "unsloth",  # Unsloth's offloaded checkpointing: its memory saving on GPU
+        "random_state": recipe.train.seed,
+        "use_rslora": lo.use_rslora,
+    }
+    return load, peft
+
+
+def unsloth_conflicts() -> list[str]:
+    """Installed packages that unsloth's own requirements exclude (e.g. a transformers newer than it supports)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    problems = []
+    for line in metadata.requires("unsloth") or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if req.name.lower() not in ("torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "accelerate", "unsloth_zoo", "unsloth-zoo"):
+            continue
+        try:
+            have = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{req.name} is not installed")
+            continue
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            problems.append(f"unsloth {metadata.version('unsloth')} needs {req.name}{req.specifier}, installed {have}")
+    return problems
+
+
+def import_unsloth():
+    """Import unsloth before transformers, trl and peft are imported: it patches them (and TRL's trainers) on import."""
+    import sys
+
+    late = [name for name in ("transformers", "trl", "peft") if name in sys.modules and "unsloth" not in sys.modules]
+    if late:
+        print(f"[twin-dpo] warning: {', '.join(late)} imported before unsloth; some Unsloth patches may not apply", flush=True)
+    import unsloth
+
+    return unsloth
+
+
 def _load_unsloth(recipe: Recipe, backend: Backend, path: str) -> Loaded:
-    raise UserError("model.backend=unsloth is not available in this version; use model.backend=hf")
+    unsloth = import_unsloth()
+    from unsloth import FastLanguageModel
+
+    load, peft = unsloth_kwargs(recipe, path)
+    model, tokenizer = FastLanguageModel.from_pretrained(**load)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ref_model = None
+    if peft is not None:
+        model = FastLanguageModel.get_peft_model(model, **peft)  # TRL copies it into a frozen `ref` adapter (B = 0)
+    elif not recipe.train.precompute_ref:
+        ref_model, _ = FastLanguageModel.from_pretrained(**{**load, "full_finetuning": False})
+        ref_model.eval()
+        for param in ref_model.parameters():
+            param.requires_grad_(False)
+    patch = getattr(unsloth, "PatchDPOTrainer", None)
+    if patch is not None:  # a no-op since Unsloth patches TRL at import (PatchFastRL); older releases need it
+        patch()
+    return Loaded(model, tokenizer, None, ref_model, backend, path)

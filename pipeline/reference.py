@@ -53,6 +53,16 @@ def reference_tensors(trainer) -> list[tuple[str, torch.Tensor]]:
     return sorted(keep)
 
 
+def _head(trainer) -> str:
+    """Which LM-head implementation computes the log-probs (they differ in float rounding)."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    model = trainer.accelerator.unwrap_model(model)
+    model = model.get_base_model() if is_peft_model(model) else model
+    return getattr(model, "_twin_dpo_head", "trl")
+
+
 def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     h = _hasher()
     for name, tensor in reference_tensors(trainer):
@@ -66,7 +76,7 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     # numerics: the same weights give other log-probs under another autocast dtype, device or torch build
     h.update(f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trainer.ld_alpha};"
              f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
-             f"batch={BATCH}".encode())
+             f"batch={BATCH};head={_head(trainer)}".encode())
     for dataset in datasets:
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
             for ids in dataset[column]:

@@ -123,7 +123,8 @@ def device_name(device: str) -> str:
 
 
 def latest_run(root: Path = RUNS, finished: bool = True) -> Path:
-    candidates = [p for p in root.glob("*/") if p.is_dir() and (not finished or (p / "summary.json").exists())]
+    candidates = [p for p in root.glob("*/") if p.is_dir() and (not finished or (
+        (p / "summary.json").exists() and read_json(p / "summary.json").get("status") == "completed"))]
     if not candidates:
         raise UserError(f"no finished run in {root}/; train one first (make dpo-lora) or name the run folder")
     return max(candidates, key=lambda p: p.stat().st_mtime)
@@ -135,3 +136,21 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def latest_unfinished(recipe_name: str, root: Path = RUNS) -> Path:
+    """The newest run of this recipe without a completed summary.json (the one --resume continues)."""
+    candidates = [p for p in root.glob(f"{recipe_name}-*") if p.is_dir() and (p / "recipe.json").is_file()
+                  and not ((p / "summary.json").is_file() and read_json(p / "summary.json").get("status") == "completed")]
+    if not candidates:
+        raise UserError(f"--resume: no unfinished {recipe_name} run in {root}/; name the run folder")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def keep_metrics_until(run_dir: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint: the resumed run logs those steps again."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))

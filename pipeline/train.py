@@ -18,11 +18,12 @@ from typing import Any
 
 from pipeline import config as cfg
 from pipeline import data as data_mod
-from pipeline import fast, reference, runs
+from pipeline import fast, guard, reference, runs
 from pipeline.config import Recipe
 from pipeline.errors import UserError
 
 EVAL_BATCH = 8  # pairs per evaluation forward: the reference pass's batches, so untrained rewards are exactly 0
+STEP_DELAY = float(os.environ.get("TWIN_DPO_TEST_STEP_DELAY", "0") or 0)
 POSTFIX = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"),
            ("mean_token_accuracy", "token accuracy"))
 EVAL_KEYS = {"reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eval_rewards/margins", "loss": "eval_loss"}
@@ -38,6 +39,29 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def tune_allocator() -> str:
+    """Serve tensors of 4 MB and more from mmap (returned to the OS when freed) instead of glibc's heap.
+
+    glibc raises its mmap threshold as large blocks are freed, so the variable-size activations of a training
+    run fragment the heap and the RSS creeps up. A fixed threshold stops that: measured here (40 LoRA DPO
+    steps), peak RSS 3.97 -> 3.36 GB at the same speed (1.69 pairs/s both); 128 KB was 2.3x slower (page faults).
+    TWIN_DPO_MMAP_THRESHOLD_MB=0 turns it off.
+    """
+    import ctypes
+    import ctypes.util
+
+    mb = int(os.environ.get("TWIN_DPO_MMAP_THRESHOLD_MB", "4") or 0)
+    if mb <= 0:
+        return "glibc default"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if libc.mallopt(-3, mb << 20) != 1:  # M_MMAP_THRESHOLD
+            return "glibc default"
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return "system default"
+    return f"mmap threshold {mb} MB"
 
 
 def set_threads(threads: int) -> int:
@@ -69,6 +93,8 @@ def callbacks(run_dir: Path, total_steps: int, desc: str = "DPO"):
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
+            if STEP_DELAY:  # tests: slow a tiny model's steps down enough to kill it at a chosen moment
+                time.sleep(STEP_DELAY)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -87,6 +113,8 @@ def callbacks(run_dir: Path, total_steps: int, desc: str = "DPO"):
                 self.bar.close()
 
         def close(self):
+            if self.bar is not None:
+                self.bar.close()
             self.handle.close()
 
     return RunLog()
@@ -123,7 +151,10 @@ def common_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, ma
         logging_steps=t.logging_steps,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
-        save_strategy="no",
+        save_strategy="steps" if t.save_every > 0 else "no",
+        save_steps=t.save_every if t.save_every > 0 else None,
+        save_total_limit=None,  # pipeline.guard prunes, after a checkpoint is marked complete
+        logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away
         train_sampling_strategy="sequential" if t.group_by_length else "random",
         prediction_loss_only=True,  # else TRL reruns a full-logits forward per eval batch for compute_metrics
         seed=t.seed,
@@ -137,7 +168,7 @@ def common_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, ma
     )
 
 
-def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_steps: int | None):
+def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, max_steps: int | None = None):
     """Translate the recipe into trl.DPOConfig."""
     from trl import DPOConfig
 
@@ -234,17 +265,58 @@ def prepare(recipe: Recipe) -> Prepared:
                     [eval_rows[i] for i in eval_order], lengths)
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None,
-          inspect: Any = None) -> tuple[dict[str, Any], Path]:
+def _open_run(recipe: Recipe, run_dir, resume, force: bool) -> tuple[Path, bool]:
+    """(a new run folder, False), or (the run folder to resume, True) once its recipe is checked."""
+    if resume is None:
+        return runs.new_run_dir(recipe.name, str(run_dir) if run_dir else None), False
+    folder = Path(resume) if resume != "latest" else runs.latest_unfinished(recipe.name)
+    if not (folder / "recipe.json").is_file():
+        raise UserError(f"--resume {folder}: not a twin-dpo run folder (no recipe.json)")
+    if (folder / "summary.json").is_file() and runs.read_json(folder / "summary.json").get("status") == "completed":
+        raise UserError(f"--resume {folder}: that run already finished (summary.json); start a new run instead")
+    changed = guard.changed_fields(runs.read_json(folder / "recipe.json"), cfg.to_dict(recipe))
+    if changed and not force:
+        raise UserError(f"--resume {folder}: the recipe changed since the run started: {'; '.join(changed)}; "
+                        "resume with the run's own settings, or add --force to continue with the new ones")
+    return folder, True
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None, inspect: Any = None,
+          resume: str | Path | None = None, force: bool = False, extra_callbacks: list | None = None,
+          ) -> tuple[dict[str, Any], Path]:
     """Run DPO for `recipe`; returns (summary, run folder). The folder is made only after all checks pass.
-    `inspect(trainer)`, if given, is called after training (tests look at the reference adapter there)."""
+
+    `max_steps` overrides train.max_steps (and is recorded in recipe.json). `resume`: a run folder, or
+    "latest" for the newest unfinished run of this recipe; it continues from the newest complete checkpoint.
+    `inspect(trainer)`, if given, is called after training (tests look at the reference adapter there).
+    """
     wall_start = time.perf_counter()
+    from pipeline import model as model_mod
+
+    if model_mod.resolve_backend(recipe).name == "unsloth":
+        model_mod.import_unsloth()  # before transformers, trl and peft: Unsloth patches them on import
+    allocator = tune_allocator()
     quiet_libraries()
+    if max_steps is not None:
+        recipe = replace(recipe, train=replace(recipe.train, max_steps=max_steps))
     prep = prepare(recipe)
     recipe = prep.recipe
-    run_dir = runs.new_run_dir(recipe.name, str(run_dir) if run_dir else None)
-    print(f"[twin-dpo] {recipe.name}: run folder {run_dir}", flush=True)
-    backend = prep.backend
+    run_dir, resuming = _open_run(recipe, run_dir, resume, force)
+    with guard.RunLock(run_dir):
+        checkpoint = None
+        if resuming:  # under the lock: a checkpoint torn by a kill is dropped, the newest complete one is used
+            guard.prune(run_dir / "checkpoints", recipe.train.keep_checkpoints)
+            checkpoint = (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1]
+        summary, folder = _train_locked(prep, run_dir, checkpoint, wall_start, inspect, extra_callbacks or [])
+    summary["allocator"] = allocator
+    runs.write_json_atomic(folder / "summary.json", summary)
+    return summary, folder
+
+
+def _train_locked(prep: Prepared, run_dir: Path, checkpoint: Path | None, wall_start: float, inspect, extra) -> tuple[dict, Path]:
+    recipe, backend = prep.recipe, prep.backend
+    print(f"[twin-dpo] {recipe.name}: run folder {run_dir}" + (f", resuming from {checkpoint.name}" if checkpoint else ""),
+          flush=True)
     threads = set_threads(recipe.train.threads)
     from pipeline.model import precision
 
@@ -255,6 +327,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         print(f"[twin-dpo] note: {prep.lengths.truncated} of {prep.lengths.pairs} train pairs are longer than "
               f"data.max_length={recipe.data.max_length} and will be cut", flush=True)
     runs.write_text_atomic(run_dir / "recipe.json", cfg.dumps(recipe))
+    step0 = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    runs.keep_metrics_until(run_dir, step0 if checkpoint else -1)
 
     from datasets import Dataset
     from trl import DPOTrainer
@@ -265,9 +339,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
     loaded = model_mod.load(recipe, backend, tokenizer=prep.tokenizer)
     load_seconds = time.perf_counter() - load_start
 
-    total_steps = planned_steps(recipe, len(prep.train_rows), max_steps)
-    args = dpo_args(recipe, run_dir, backend.device, total_steps, max_steps)
+    total_steps = planned_steps(recipe, len(prep.train_rows), None)
+    args = dpo_args(recipe, run_dir, backend.device, total_steps, None)
     log = callbacks(run_dir, total_steps)
+    watch = guard.callback(run_dir / "checkpoints", recipe.train.keep_checkpoints, prec.autocast or "fp32")
     train_start = time.perf_counter()
     trainer = DPOTrainer(
         model=loaded.model,
@@ -277,7 +352,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         eval_dataset=Dataset.from_list(prep.eval_rows),
         processing_class=loaded.tokenizer,
         peft_config=loaded.peft_config,
-        callbacks=[log],
+        callbacks=[log, watch, *extra],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -297,36 +372,42 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         how = "reused from" if reference_info["reference_reused"] else "computed and cached in"
         print(f"[twin-dpo] reference log-probs {how} {reference_info['reference_cache']} ({reference_info['reference_seconds']:.0f} s)", flush=True)
     eval_timer = time_evaluations(trainer)
+    watch.install_signals()
     try:
-        print("[twin-dpo] held-out evaluation of the untouched twin", flush=True)
-        before = eval_block(trainer.evaluate())
-        trainer.train()
+        if checkpoint is None:
+            print("[twin-dpo] held-out evaluation of the untouched twin", flush=True)
+            before = eval_block(trainer.evaluate())
+        else:  # measured when the run started
+            before = eval_block(next(r for r in runs.read_metrics(run_dir) if "eval_loss" in r and r.get("step") == 0))
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if watch.diverged:
+            _diverged(run_dir, recipe, watch.diverged)
+        if watch.signum is not None:
+            raise guard.Interrupted(watch.signum, (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1])
         # the periodic evaluation may have just run at the final step: reuse it rather than pay twice
         evaluated_at_end = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
         after = eval_block(evaluated_at_end[-1] if evaluated_at_end else trainer.evaluate())
+        eval_seconds = eval_timer()
+        train_seconds = time.perf_counter() - train_start - eval_seconds
+        if inspect is not None:
+            inspect(trainer)
+        artifact = _save_policy(trainer.model, loaded.tokenizer, recipe, run_dir)
+    except OSError as err:
+        if not guard.is_disk_full(err):
+            raise
+        guard.prune(run_dir / "checkpoints", recipe.train.keep_checkpoints)  # drop the torn folder, keep the rest
+        last = (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1]
+        raise UserError(guard.disk_full_message(err, run_dir, last)) from None
     finally:
+        watch.restore_signals()
         log.close()
-    eval_seconds = eval_timer()
-    train_seconds = time.perf_counter() - train_start - eval_seconds
-    if inspect is not None:
-        inspect(trainer)
-
-    policy = trainer.model
-    artifact = "adapter" if recipe.method == "lora" else "model"
-    with runs.atomic_dir(run_dir / artifact) as tmp:
-        if artifact == "adapter":  # the policy only, never the frozen reference copy
-            policy.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
-        else:
-            policy.save_pretrained(tmp, safe_serialization=True)
-        if artifact == "model":
-            loaded.tokenizer.save_pretrained(tmp)
 
     state = trainer.state
-    pairs_seen = state.global_step * recipe.train.batch_size * recipe.train.grad_accum
+    pairs_seen = (state.global_step - step0) * recipe.train.batch_size * recipe.train.grad_accum
     if args.max_steps <= 0:  # epoch-bound: the last batch of an epoch may be short
         pairs_seen = min(pairs_seen, math.ceil(len(prep.train_rows) * recipe.train.epochs))
     tokens = trainer._total_train_tokens
-    trainable, total = count_parameters(policy)
+    trainable, total = count_parameters(trainer.model)
     peak, peak_kind = runs.peak_memory(backend.device)
     train_logs = [row for row in state.log_history if "loss" in row]
     summary = {
@@ -334,7 +415,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         "recipe": recipe.name,
         "method": recipe.method,
         "load_in_4bit": recipe.model.load_in_4bit,
-        "twin_adapter": str(adapters_dir) if (adapters_dir := _twin_adapter(recipe)) else None,
+        "twin_adapter": recipe.model.adapter,
         "reference": _reference_kind(recipe)
         + ("; its log-probs computed once before training" if recipe.train.precompute_ref else "; run at every step"),
         **reference_info,
@@ -345,6 +426,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         "precision": prec.describe(),
         "model_path": loaded.path,
         "steps": state.global_step,
+        "resumed_from_step": step0 or None,
         "pairs_trained": pairs_seen,
         "tokens_trained": tokens,
         "wall_seconds": round(time.perf_counter() - wall_start, 2),
@@ -367,6 +449,28 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
     }
     runs.write_json_atomic(run_dir / "summary.json", summary)
     return summary, run_dir
+
+
+def _save_policy(policy, tokenizer, recipe: Recipe, run_dir: Path) -> str:
+    """The trained policy, written atomically: an adapter (never the frozen reference copy) or a full model."""
+    artifact = "adapter" if recipe.method == "lora" else "model"
+    with runs.atomic_dir(run_dir / artifact) as tmp:
+        if artifact == "adapter":
+            policy.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
+        else:
+            policy.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    return artifact
+
+
+def _diverged(run_dir: Path, recipe: Recipe, message: str) -> None:
+    """Record the divergence (no adapter is saved from it) and stop with the distinct exit status."""
+    last = (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1]
+    runs.write_json_atomic(run_dir / "summary.json", {
+        "status": "diverged", "recipe": recipe.name, "message": message,
+        "last_good_checkpoint": str(last) if last else None, "versions": runs.versions()})
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    raise guard.Diverged(f"training diverged at {message}; {where}; nothing from the diverged step was saved")
 
 
 def _twin_adapter(recipe: Recipe):

@@ -1,0 +1,122 @@
+"""The speed levers change no number: completion-only head, cached reference, length-grouped batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from pipeline import fast, reference, train
+
+
+def _trainer(tiny_llama, small_data, tmp_path, **overrides):
+    """A DPOTrainer as train.train builds it, without training (fp32)."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from pipeline import model as model_mod
+
+    recipe = tiny_recipe(tiny_llama, small_data, **overrides)
+    prep = train.prepare(recipe)
+    loaded = model_mod.load(recipe, prep.backend, tokenizer=prep.tokenizer)
+    args = train.dpo_args(recipe, tmp_path, "cpu", 4)
+    return DPOTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(prep.train_rows),
+                      eval_dataset=Dataset.from_list(prep.eval_rows), processing_class=loaded.tokenizer,
+                      peft_config=loaded.peft_config)
+
+
+def _batch(trainer, n=4):
+    ds = trainer.train_dataset
+    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
+    return trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in range(n)]))
+
+
+@pytest.mark.parametrize("chunk", [7, 256])
+def test_completion_only_head_gives_trls_loss_and_gradients(tiny_llama, small_data, tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(fast, "CHUNK", chunk)  # 7: many slices, each recomputed in the backward pass
+    trainer = _trainer(tiny_llama, small_data, tmp_path, precompute_ref=False)
+    model = trainer.model
+    with torch.no_grad():  # non-zero B so every LoRA weight gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    batch = _batch(trainer)
+    results = []
+    for use_ours in (False, True):
+        if use_ours:
+            assert fast.install_on_trainer(trainer)
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, copy.deepcopy(dict(trainer._metrics["train"]))))
+        trainer._metrics["train"].clear()
+    (loss_trl, grads_trl, metrics_trl), (loss_ours, grads_ours, metrics_ours) = results
+    torch.testing.assert_close(loss_ours, loss_trl, atol=1e-5, rtol=1e-5)
+    assert grads_ours.keys() == grads_trl.keys() and len(grads_ours) > 0
+    for name in grads_trl:
+        torch.testing.assert_close(grads_ours[name], grads_trl[name], atol=1e-5, rtol=1e-4, msg=name)
+    for key in ("logps/chosen", "logps/rejected", "rewards/margins", "entropy", "logits/chosen", "mean_token_accuracy"):
+        assert metrics_ours[key] == pytest.approx(metrics_trl[key], abs=1e-4), key
+
+
+def test_cached_reference_equals_a_fresh_computation(tiny_llama, small_data, tmp_path):
+    cache = tmp_path / "refcache"
+    first = _trainer(tiny_llama, small_data, tmp_path / "a")
+    info = reference.attach(first, cache)
+    assert not info["reference_reused"] and info["reference_forward_passes"] == 2
+    second = _trainer(tiny_llama, small_data, tmp_path / "b")
+    info2 = reference.attach(second, cache)
+    assert info2["reference_reused"] and info2["reference_forward_passes"] == 0
+    fresh = _trainer(tiny_llama, small_data, tmp_path / "c")
+    reference.attach(fresh, None)  # no cache: computed now
+    for name in ("train_dataset", "eval_dataset"):
+        for column in ("ref_chosen_logps", "ref_rejected_logps"):
+            assert getattr(second, name)[column] == getattr(fresh, name)[column], (name, column)
+    # and they are the reference's: the base with the adapter off, as TRL computes them at every step
+    batch = _batch(fresh)
+    c, r = fresh.compute_ref_log_probs(fresh.model, batch)
+    torch.testing.assert_close(c, torch.tensor(fresh.train_dataset["ref_chosen_logps"][:4]), atol=1e-4, rtol=1e-5)
+
+
+def test_cache_key_changes_with_weights_data_and_length(tiny_llama, small_data, tmp_path):
+    trainer = _trainer(tiny_llama, small_data, tmp_path)
+    key = reference.cache_key(trainer, [trainer.train_dataset], 512)
+    assert reference.cache_key(trainer, [trainer.train_dataset], 256) != key
+    assert reference.cache_key(trainer, [trainer.train_dataset.select(range(4))], 512) != key
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_" not in n).add_(1e-3)
+    assert reference.cache_key(trainer, [trainer.train_dataset], 512) != key
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).add_(1.0)  # policy weights don't count
+    changed_base = reference.cache_key(trainer, [trainer.train_dataset], 512)
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).add_(1.0)
+    assert reference.cache_key(trainer, [trainer.train_dataset], 512) == changed_base
+
+
+def test_grouped_batches_give_the_same_per_pair_log_probs_as_padded_ones(tiny_llama, small_data, tmp_path):
+    """A pair's log-probs do not depend on which pairs share its batch (right padding, causal attention)."""
+    trainer = _trainer(tiny_llama, small_data, tmp_path, precompute_ref=False)
+    fast.install_on_trainer(trainer)
+    ds = trainer.train_dataset
+    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
+    rows = [{c: ds[i][c] for c in cols} for i in range(len(ds))]
+    lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
+    by_length = sorted(range(len(rows)), key=lambda i: lengths[i])
+    mixed = by_length[::2] + by_length[1::2]  # long and short pairs together: lots of padding
+
+    def logps(order, batch=4):
+        out = {}
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            c, r = trainer.compute_ref_log_probs(trainer.model, trainer._prepare_inputs(trainer.data_collator([rows[i] for i in idx])))
+            out.update({i: (float(a), float(b)) for i, a, b in zip(idx, c, r)})
+        return out
+
+    grouped, padded, alone = logps(by_length), logps(mixed), logps(list(range(len(rows))), batch=1)
+    for i in range(len(rows)):
+        # equal up to fp32 summation order: relative 1e-6 on sums of several hundred log-probs
+        assert grouped[i] == pytest.approx(alone[i], rel=1e-6) and padded[i] == pytest.approx(alone[i], rel=1e-6)
