@@ -151,7 +151,7 @@ def sweep(recipe_spec: str, grid: list[str], steps: int | None, overrides: list[
     for rank, run in enumerate(ranked, 1):
         after = run.summary["eval_after"]
         style = (run.eval or {}).get("style", {}).get("after", {})
-        ref = "reused from cache" if run.summary.get("reference_reused") else f"computed ({run.summary.get('reference_seconds', 0):.0f} s)"
+        ref = report.reference_status(run.summary)
         lines.append(f"| {rank} | {run.name} | {after['reward_accuracy']:.3f} | {after['reward_margin']:.3f} | "
                      + " | ".join(fmt.format(style[k]) if k in style else "" for k, _, fmt in report.STYLE_COLUMNS)
                      + f" | {ref} |")

@@ -103,7 +103,7 @@ def _ratio(value: float | None, base: float | None) -> str:
 
 def cost_table(run_list: list[Run], baseline: Run | None) -> list[str]:
     """Markdown rows: every figure, and its ratio to the baseline's."""
-    head = ["run", "train time (s)", "pairs/s", "tokens/s", "peak memory", "trainable params", "artifact",
+    head = ["run", "reference pass", "train time (s)", "pairs/s", "tokens/s", "peak memory", "trainable params", "artifact",
             "held-out reward acc.", "held-out margin"] + [c[1] for c in STYLE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     b = baseline
@@ -115,6 +115,7 @@ def cost_table(run_list: list[Run], baseline: Run | None) -> list[str]:
         after, base_after = s.get("eval_after") or {}, base_s.get("eval_after") or {}
         cells = [
             run.name,
+            reference_status(s),
             f"{s['train_seconds']:.1f}{_ratio(s['train_seconds'], base_s.get('train_seconds'))}",
             f"{s['pairs_per_second']:.3f}{_ratio(s['pairs_per_second'], base_s.get('pairs_per_second'))}",
             f"{s['tokens_per_second']:.0f}{_ratio(s['tokens_per_second'], base_s.get('tokens_per_second'))}",
@@ -129,6 +130,15 @@ def cost_table(run_list: list[Run], baseline: Run | None) -> list[str]:
             cells.append("" if value is None else fmt.format(value) + _ratio(value, base_style.get(key)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def reference_status(summary: dict[str, Any]) -> str:
+    """How the run got its reference log-probs: at every step, computed once (seconds), or read from the cache."""
+    if summary.get("reference_reused"):
+        return "read from cache"
+    if summary.get("reference_forward_passes"):
+        return f"once, {summary['reference_seconds']:.0f} s"
+    return "every step"
 
 
 def answers(run_list: list[Run], question: str = SFT_QUESTION) -> list[str]:

@@ -47,6 +47,7 @@ def test_compare_quick_version_writes_curves_and_four_rows(tiny_llama, small_dat
     table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
     names = [line.split("|")[1].strip() for line in table]
     assert names[:5] == ["run", "dpo-lora", "dpo-qlora", "dpo-full", "trl-baseline"]
+    assert [line.split("|")[2].strip() for line in table[1:5]][2:] == ["every step", "every step"]
     assert "(1.00x)" in table[4] and "x)" in table[1]
     for name in ("dpo-lora", "dpo-qlora", "dpo-full", "trl-baseline"):
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
@@ -66,7 +67,7 @@ def test_sweep_reuses_the_reference_after_the_first_run(tiny_llama, small_data, 
     assert second["reference_forward_passes"] == 0 and second["reference_reused"]
     assert second["reference_cache"] == first["reference_cache"]
     report = (out / "report.md").read_text()
-    assert "| 1 |" in report and "| 2 |" in report and "reused from cache" in report
+    assert "| 1 |" in report and "| 2 |" in report and "read from cache" in report and "once, " in report
 
 
 def test_sweep_rejects_a_bad_grid_before_training(capsys, tmp_path):
