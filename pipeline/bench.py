@@ -21,8 +21,8 @@ from typing import Any
 
 from pipeline import config as cfg
 from pipeline import runs
-from pipeline.errors import UserError
-from pipeline.experiments import BASELINE, RunFailed
+from pipeline.errors import RunFailed, UserError
+from pipeline.experiments import BASELINE
 
 ABLATIONS = (  # each lever switched off on its own
     ("completion-only LM head off (TRL's head)", ["train.fast_head=false"]),

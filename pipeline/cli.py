@@ -1,9 +1,10 @@
 """Command line: argument parsing, exit codes, error printing; nothing else.
 
-    python -m pipeline train RECIPE [--set key=value ...] [--max-steps N] [--run-dir DIR]
+    python -m pipeline train RECIPE [--set key=value ...] [--max-steps N] [--run-dir DIR] [--resume [RUN]]
+    python -m pipeline {sft,evaluate,export,compare,sweep,twin,bench,gpu-smoke,recipe} ...   (--help on each)
 
-Exit status: 0 done, 2 the user's input is wrong (one line per problem on
-stderr, nothing trained), 1 a bug (with its traceback).
+Exit status: 0 done; 1 a bug (with its traceback) or a failed child run; 2 the user's input or environment
+needs fixing (one line per problem on stderr); 3 training diverged; 130 / 143 stopped by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import EXIT_USER, UserError
+from pipeline.errors import EXIT_USER, RunFailed, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,9 +97,7 @@ def _cmd_train(args) -> int:
     recipe = _resolve(args.recipe, args.overrides)
     if recipe.method == "sft":
         raise UserError(f"{args.recipe} is an SFT recipe (method 'sft'); run it with `python -m pipeline sft {args.recipe}`")
-    from pipeline import train
-
-    from pipeline import guard
+    from pipeline import guard, train
 
     if args.resume and args.run_dir:
         raise UserError("--resume and --run-dir: give the run folder to --resume alone")
@@ -213,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"twin-dpo: error: {problem}", file=sys.stderr)
         return EXIT_USER
-    except Exception as err:
-        from pipeline.experiments import RunFailed
-
-        if not isinstance(err, RunFailed):
-            raise
+    except RunFailed as err:
         print(f"twin-dpo: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

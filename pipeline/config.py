@@ -131,7 +131,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for LoRA init, data order and dropout (the Handbook's 0)."""
     threads: int = 0
-    """CPU threads for torch; 0 = one per physical core."""
+    """CPU threads for torch; 0 = one per CPU this process may run on."""
 
 
 @dataclass(frozen=True)

@@ -16,3 +16,7 @@ class UserError(Exception):
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class RunFailed(Exception):
+    """A child run (compare, sweep, bench) exited non-zero; its own output says why. Exit status 1."""

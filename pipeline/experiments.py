@@ -22,15 +22,11 @@ from pathlib import Path
 
 from pipeline import config as cfg
 from pipeline import report, runs
-from pipeline.errors import UserError
+from pipeline.errors import RunFailed, UserError
 
 BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "trl_baseline.py"
 COMPARED = (("dpo-lora", "dpo_lora"), ("dpo-qlora", "dpo_qlora"), ("dpo-full", "dpo_full"))
 DEFAULT_GRID = ("train.learning_rate=5e-6,1e-5,2e-5", "train.beta=0.1,0.5")
-
-
-class RunFailed(Exception):
-    """A child run exited non-zero; its own output says why."""
 
 
 def _run(command: list[str], what: str) -> None:
