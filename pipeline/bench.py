@@ -106,7 +106,8 @@ def synthetic_data(folder: Path, tokenizer, length: int, pairs: int) -> tuple[Pa
 
 
 def bench(steps: int = 30, repeats: int = 3, scaling_steps: int = 2, out: Path = Path("reports/bench"),
-          overrides: list[str] | None = None, scaling: bool = True) -> Path:
+          overrides: list[str] | None = None, scaling: bool = True, lengths=LENGTHS, batches=BATCHES,
+          ablations=ABLATIONS) -> Path:
     overrides = overrides or []
     recipe = cfg.validate(cfg.apply_overrides(cfg.load_recipe("dpo_lora"), overrides))
     if not BASELINE.is_file():
@@ -134,14 +135,14 @@ def bench(steps: int = 30, repeats: int = 3, scaling_steps: int = 2, out: Path =
         main["baseline"].append(run_baseline(work / f"baseline-{k}", steps, overrides, env))
         main["ours"].append(run_ours(work / f"ours-{k}", steps, overrides, env))
     ablation = []
-    for label, sets in ABLATIONS:
+    for label, sets in ablations:
         print(f"[twin-dpo] bench ablation: {label}", flush=True)
         ablation.append((label, run_ours(work / f"ablation-{len(ablation)}", steps, overrides + sets, env)))
     scale = []
     if scaling:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        for length in LENGTHS:
-            for batch in BATCHES:
+        for length in lengths:
+            for batch in batches:
                 pairs = batch * (scaling_steps + 1)
                 train, held = synthetic_data(work, tokenizer, length, pairs)
                 sets = overrides + [f"data.train={train}", f"data.eval={held}", f"train.batch_size={batch}",
@@ -179,6 +180,7 @@ def _report(main, ablation, scale, params, peak, prec, steps, repeats, seconds) 
     mem_ok = ours["peak_memory_bytes"]["median"] <= base["peak_memory_bytes"]["median"]
     acc_gap = abs(ours["held_out_reward_accuracy"]["median"] - base["held_out_reward_accuracy"]["median"])
     s0 = main["ours"][0]
+    per_run = ", ".join(f"{s['train_seconds']:.0f} s" for s in main["ours"])
     md = [
         f"# Bench: twin-dpo LoRA DPO vs plain TRL — **{ratio:.2f}x pairs/s**", "",
         f"Target: >= 2.0x pairs/s ({'met' if ratio >= 2.0 else 'NOT met'}), peak memory not above the baseline's "
@@ -188,7 +190,7 @@ def _report(main, ablation, scale, params, peak, prec, steps, repeats, seconds) 
         f"{steps} steps of {s0['pairs_trained'] // max(1, s0['steps'])} pairs per run, {repeats} runs each, alternating "
         f"baseline / ours; matmul peak measured here: {peak / 1e9:.0f} GFLOP/s. Medians, with [min, max] across runs. "
         f"Our first run computes the reference log-probs and caches them; later runs read the cache "
-        f"(per run: {', '.join(f'{s['train_seconds']:.0f} s' for s in main['ours'])}).", "",
+        f"(per run: {per_run}).", "",
         "| figure | TRL baseline | twin-dpo | ratio |", "|---|---|---|---|",
     ]
     for key, label, fmt in (("pairs_per_second", "pairs/s", "{:.3f}"), ("tokens_per_second", "real tokens/s", "{:.0f}"),
