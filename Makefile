@@ -89,7 +89,7 @@ sweep: setup ## 6 light LoRA DPO runs ranked by held-out accuracy and voice -> r
 	$(PY) -m pipeline sweep dpo_lora $(foreach g,$(GRID),--grid $(g)) $(if $(STEPS),--steps $(STEPS),) $(SETS)
 
 REPEATS ?=
-bench: setup ## our LoRA DPO vs plain TRL: pairs/s ratio, ablation, scaling -> reports/bench/ (STEPS=, REPEATS=)
+bench: setup ## our LoRA DPO vs plain TRL: pairs/s ratio, ablation, scaling -> reports/bench/ (~50 min; STEPS=, REPEATS=)
 	$(PY) -m pipeline bench $(if $(STEPS),--steps $(STEPS),) $(if $(REPEATS),--repeats $(REPEATS),) $(SETS)
 
 gpu-smoke: setup ## on a CUDA GPU: dpo-lora and dpo-qlora, unsloth vs hf backend, 30 steps each, one table

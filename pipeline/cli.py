@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     twin.add_argument("--formats", default=None, help="export.formats for the export step (default: the recipe's)")
 
     bench = sub.add_parser("bench", help="our LoRA DPO vs plain TRL, alternating runs: ratios, ablation, scaling")
-    bench.add_argument("--steps", type=int, default=30, metavar="N", help="steps per run (default 30)")
+    bench.add_argument("--steps", type=int, default=100, metavar="N", help="steps per main run (default 100: one epoch)")
+    bench.add_argument("--ablation-steps", type=int, default=30, metavar="N", help="steps per ablation run (default 30)")
     bench.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each (default 3)")
     bench.add_argument("--scaling-steps", type=int, default=2, metavar="N", help="steps per scaling-table run (default 2)")
     bench.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
@@ -176,11 +177,12 @@ def _cmd_twin(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    if args.steps < 1 or args.repeats < 1 or args.scaling_steps < 1:
-        raise UserError("bench: --steps, --repeats and --scaling-steps must be >= 1")
+    if min(args.steps, args.repeats, args.scaling_steps, args.ablation_steps) < 1:
+        raise UserError("bench: --steps, --repeats, --scaling-steps and --ablation-steps must be >= 1")
     from pipeline import bench
 
-    path = bench.bench(args.steps, args.repeats, args.scaling_steps, Path(args.out), args.overrides, not args.no_scaling)
+    path = bench.bench(args.steps, args.repeats, args.scaling_steps, Path(args.out), args.overrides, not args.no_scaling,
+                       ablation_steps=args.ablation_steps)
     print(path.read_text(), flush=True)
     return 0
 

@@ -12,7 +12,7 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
             f"data.eval={small_data['heldout']}", "model.dtype=float32"]
     levers = (bench.ABLATIONS[2],)  # the reference run at every step
     md_path = bench.bench(steps=2, repeats=1, scaling_steps=1, out=tmp_path / "bench", overrides=sets,
-                          lengths=(128,), batches=(1,), ablations=levers)
+                          lengths=(128,), batches=(1,), ablations=levers, ablation_steps=1)
     md = md_path.read_text()
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert md.startswith(f"# Bench: twin-dpo LoRA DPO vs plain TRL — **{report['ratio_pairs_per_second']:.2f}x pairs/s**")
@@ -24,7 +24,9 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
     ratio = report["ours"]["pairs_per_second"]["median"] / report["baseline"]["pairs_per_second"]["median"]
     assert abs(ratio - report["ratio_pairs_per_second"]) < 1e-12
     # the ablation runs really ran with the lever off
-    assert [a["lever_off"] for a in report["ablation"]] == [label for label, _ in levers]
-    assert report["ablation"][0]["summary"]["reference"].endswith("run at every step")
+    assert [a["lever_off"] for a in report["ablation"]] == ["none (all levers on)"] + [label for label, _ in levers]
+    assert all(a["summary"]["steps"] == 1 for a in report["ablation"])
+    assert report["ablation"][1]["summary"]["reference"].endswith("run at every step")
+    assert "| reference run at every step (no cached log-probs) |" in md and "none: run at every step" in md
     assert len(report["scaling"]) == 1 and report["scaling"][0]["ours"]["steps"] == 1
     assert "## Ablation" in md and "## Scaling" in md and "| 128 | 1 |" in md
