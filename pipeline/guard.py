@@ -70,6 +70,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest marked checkpoint folder, or None."""
+    return (complete_checkpoints(root) or [None])[-1]
+
+
 def prune(root: Path, keep: int) -> None:
     """Drop unmarked (torn) checkpoints and all but the newest `keep` complete ones; marker first."""
     complete = complete_checkpoints(root)

@@ -306,7 +306,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         checkpoint = None
         if resuming:  # under the lock: a checkpoint torn by a kill is dropped, the newest complete one is used
             guard.prune(run_dir / "checkpoints", recipe.train.keep_checkpoints)
-            checkpoint = (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1]
+            checkpoint = guard.latest_checkpoint(run_dir / "checkpoints")
         summary, folder = _train_locked(prep, run_dir, checkpoint, wall_start, inspect, extra_callbacks or [])
     summary["allocator"] = allocator
     runs.write_json_atomic(folder / "summary.json", summary)
@@ -383,7 +383,7 @@ def _train_locked(prep: Prepared, run_dir: Path, checkpoint: Path | None, wall_s
         if watch.diverged:
             _diverged(run_dir, recipe, watch.diverged)
         if watch.signum is not None:
-            raise guard.Interrupted(watch.signum, (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1])
+            raise guard.Interrupted(watch.signum, guard.latest_checkpoint(run_dir / "checkpoints"))
         # the periodic evaluation may have just run at the final step: reuse it rather than pay twice
         evaluated_at_end = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
         after = eval_block(evaluated_at_end[-1] if evaluated_at_end else trainer.evaluate())
@@ -396,7 +396,7 @@ def _train_locked(prep: Prepared, run_dir: Path, checkpoint: Path | None, wall_s
         if not guard.is_disk_full(err):
             raise
         guard.prune(run_dir / "checkpoints", recipe.train.keep_checkpoints)  # drop the torn folder, keep the rest
-        last = (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1]
+        last = guard.latest_checkpoint(run_dir / "checkpoints")
         raise UserError(guard.disk_full_message(err, run_dir, last)) from None
     finally:
         watch.restore_signals()
@@ -465,7 +465,7 @@ def _save_policy(policy, tokenizer, recipe: Recipe, run_dir: Path) -> str:
 
 def _diverged(run_dir: Path, recipe: Recipe, message: str) -> None:
     """Record the divergence (no adapter is saved from it) and stop with the distinct exit status."""
-    last = (guard.complete_checkpoints(run_dir / "checkpoints") or [None])[-1]
+    last = guard.latest_checkpoint(run_dir / "checkpoints")
     runs.write_json_atomic(run_dir / "summary.json", {
         "status": "diverged", "recipe": recipe.name, "message": message,
         "last_good_checkpoint": str(last) if last else None, "versions": runs.versions()})
