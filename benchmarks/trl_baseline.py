@@ -26,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import config as cfg  # noqa: E402  (only to read the same settings and data)
-from pipeline import data as data_mod  # noqa: E402
-from pipeline import runs  # noqa: E402
+from pipeline import data as data_mod  # noqa: E402  (only to read the same settings and data)
+from pipeline import recipe as cfg  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.model import runtime  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +51,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.model import cpu_has_bf16, resolve_model_path
+    from pipeline.model.backend import cpu_has_bf16
+    from pipeline.model.paths import resolve_model_path
 
     path = resolve_model_path(recipe.model.name_or_path)
     load_start = time.perf_counter()
@@ -106,7 +108,7 @@ def main() -> None:
     with (run_dir / "metrics.jsonl").open("w") as handle:
         for row in logs:
             handle.write(json.dumps(row) + "\n")
-    runs.write_text_atomic(run_dir / "recipe.json", cfg.dumps(recipe))
+    storage.write_text_atomic(run_dir / "recipe.json", cfg.dumps(recipe))
     pairs = min(trainer.state.global_step * t.batch_size * t.grad_accum, len(train_pairs) * math.ceil(t.epochs)) \
         if max_steps <= 0 else trainer.state.global_step * t.batch_size * t.grad_accum
     tokens = max((r.get("num_tokens", 0) for r in logs), default=0)
@@ -116,7 +118,7 @@ def main() -> None:
     summary = {
         "status": "completed", "recipe": "trl-baseline", "method": "lora", "load_in_4bit": False,
         "reference": "base with the adapter switched off (TRL default: run at every step)",
-        "backend": "trl-baseline", "device": runs.device_name("cuda" if torch.cuda.is_available() else "cpu"),
+        "backend": "trl-baseline", "device": runtime.device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "precision": "bf16 autocast" if training_args.bf16 else "float32",
         "steps": trainer.state.global_step, "pairs_trained": pairs, "tokens_trained": tokens,
         "wall_seconds": round(time.perf_counter() - wall, 2), "load_seconds": round(load_seconds, 2),
@@ -127,9 +129,9 @@ def main() -> None:
         "trainable_parameters": int(trainable), "total_parameters": int(total),
         "final_train_loss": next((r["loss"] for r in reversed(logs) if "loss" in r), None),
         "eval_pairs": len(eval_pairs), "eval_before": pick(before), "eval_after": pick(after),
-        "artifact": "adapter", "versions": runs.versions(),
+        "artifact": "adapter", "versions": runtime.versions(),
     }
-    runs.write_json_atomic(run_dir / "summary.json", summary)
+    storage.write_json_atomic(run_dir / "summary.json", summary)
     print(f"trl-baseline: {summary['steps']} steps, {summary['pairs_per_second']} pairs/s, "
           f"held-out reward accuracy {summary['eval_after']['reward_accuracy']:.3f}")
 

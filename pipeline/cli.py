@@ -3,17 +3,20 @@
     python -m pipeline train RECIPE [--set key=value ...] [--max-steps N] [--run-dir DIR] [--resume [RUN]]
     python -m pipeline {sft,evaluate,export,compare,sweep,twin,bench,gpu-smoke,recipe} ...   (--help on each)
 
-Exit status: 0 done; 1 a bug (with its traceback) or a failed child run; 2 the user's input or environment
-needs fixing (one line per problem on stderr); 3 training diverged; 130 / 143 stopped by SIGINT / SIGTERM.
+Exit status (pipeline/errors.py): 0 done; 1 a bug (with its traceback) or a failed child run; 2 the user's input
+or environment needs fixing (one line per problem on stderr); 3 training diverged; 130 / 143 stopped by SIGINT /
+SIGTERM (the run can be resumed).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from pipeline.errors import EXIT_USER, RunFailed, UserError
+from pipeline.errors import EXIT_CHILD_FAILED, EXIT_DIVERGED, EXIT_USER, Diverged, Interrupted, RunFailed, UserError
+from pipeline.experiments.sweep import DEFAULT_GRID
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sft.add_argument("--max-steps", type=int, default=None, metavar="N")
     sft.add_argument("--run-dir", default=None, metavar="DIR")
+    sft.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
+                     help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint")
+    sft.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
 
     evaluate = sub.add_parser("evaluate", help="answer the fixed questions with the untouched twin and a run; style metrics")
     evaluate.add_argument("run", nargs="?", default=None, help="run folder (default: the newest finished run in runs/)")
@@ -54,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="train a grid of variants and rank them by held-out accuracy and voice")
     sweep.add_argument("recipe")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                       help=f"values to try (repeatable); default: {' '.join('--grid ' + g for g in ('train.learning_rate=5e-6,1e-5,2e-5', 'train.beta=0.1,0.5'))}")
+                       help=f"values to try (repeatable); default: {' '.join('--grid ' + g for g in DEFAULT_GRID)}")
     sweep.add_argument("--steps", type=int, default=None, metavar="N")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--out", default="reports/sweep", help="report folder (default reports/sweep)")
@@ -84,40 +90,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(recipe_spec: str, overrides: list[str]):
-    from pipeline import config
-
-    recipe = config.load_recipe(recipe_spec)
-    recipe = config.apply_overrides(recipe, overrides)
-    return config.validate(recipe)
+def _check_steps(args) -> None:
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.resume and args.run_dir:
+        raise UserError("--resume and --run-dir: give the run folder to --resume alone")
 
 
 def _cmd_train(args) -> int:
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
-    recipe = _resolve(args.recipe, args.overrides)
+    _check_steps(args)
+    from pipeline import recipe as recipes
+
+    recipe = recipes.resolve(args.recipe, args.overrides)
     if recipe.method == "sft":
         raise UserError(f"{args.recipe} is an SFT recipe (method 'sft'); run it with `python -m pipeline sft {args.recipe}`")
-    from pipeline import guard, train
+    from pipeline.training import dpo
 
-    if args.resume and args.run_dir:
-        raise UserError("--resume and --run-dir: give the run folder to --resume alone")
-    try:
-        summary, run_dir = train.train(recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force)
-    except guard.Interrupted as stop:
-        if stop.checkpoint is None:
-            print(f"twin-dpo: {stop}: stopped before the first checkpoint; nothing to resume, start again", file=sys.stderr)
-        else:
-            run = stop.checkpoint.parent.parent
-            print(f"twin-dpo: {stop}: saved {stop.checkpoint}; continue with:\n  "
-                  f"{guard.resume_command(args.recipe, args.overrides, args.max_steps, run)}", file=sys.stderr)
-        return guard.EXIT_SIGNAL[stop.signum]
-    except guard.Diverged as err:
-        print(f"twin-dpo: {err}", file=sys.stderr)
-        return guard.EXIT_DIVERGED
-    print(train.describe(summary, run_dir), flush=True)
+    summary, run_dir = dpo.train(recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force)
+    print(dpo.describe(summary, run_dir), flush=True)
     if not args.no_eval:
-        from pipeline import evaluate
+        from pipeline.evaluation import evaluate
 
         print("[twin-dpo] answering the fixed questions (evaluate)", flush=True)
         print(evaluate.describe(evaluate.evaluate(run_dir)) + f"; samples: {run_dir / 'samples.md'}", flush=True)
@@ -125,17 +117,18 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
-    from pipeline import sft
+    _check_steps(args)
+    from pipeline import recipe as recipes
+    from pipeline.training import sft
 
-    summary, run_dir = sft.sft(_resolve(args.recipe, args.overrides), args.run_dir, max_steps=args.max_steps)
+    recipe = recipes.resolve(args.recipe, args.overrides)
+    summary, run_dir = sft.sft(recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force)
     print(sft.describe(summary, run_dir), flush=True)
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from pipeline import evaluate
+    from pipeline.evaluation import evaluate
 
     report = evaluate.evaluate(args.run)
     print(evaluate.describe(report) + f"; samples: {Path(report['run']) / 'samples.md'}", flush=True)
@@ -143,9 +136,9 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from pipeline import export
+    from pipeline.export.orchestrate import export
 
-    report, folder = export.export(args.run, args.overrides)
+    report, folder = export(args.run, args.overrides)
     sizes = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in report["files"].items()
                       if name.endswith((".gguf", ".safetensors")) or name == "Modelfile")
     print(f"export: {folder} in {report['seconds']:.0f} s ({sizes})", flush=True)
@@ -153,51 +146,50 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from pipeline import experiments
+    from pipeline.experiments.compare import compare
 
-    path = experiments.compare(args.steps, args.overrides, Path(args.out))
+    path = compare(args.steps, args.overrides, Path(args.out))
     print(f"compare: {path} and {path.parent / 'curves.png'}", flush=True)
     return 0
 
 
 def _cmd_sweep(args) -> int:
-    from pipeline import experiments
+    from pipeline.experiments.sweep import sweep
 
-    path = experiments.sweep(args.recipe, args.grid, args.steps, args.overrides, Path(args.out))
+    path = sweep(args.recipe, args.grid, args.steps, args.overrides, Path(args.out))
     print(f"sweep: {path} and {path.parent / 'curves.png'}", flush=True)
     return 0
 
 
 def _cmd_twin(args) -> int:
-    from pipeline import experiments
+    from pipeline.experiments.twin import twin
 
-    path = experiments.twin(args.steps, args.overrides, Path(args.out), formats=args.formats)
-    print(path.read_text(), flush=True)
+    print(twin(args.steps, args.overrides, Path(args.out), formats=args.formats).read_text(), flush=True)
     return 0
 
 
 def _cmd_bench(args) -> int:
     if min(args.steps, args.repeats, args.scaling_steps, args.ablation_steps) < 1:
         raise UserError("bench: --steps, --repeats, --scaling-steps and --ablation-steps must be >= 1")
-    from pipeline import bench
+    from pipeline.experiments.bench import bench
 
-    path = bench.bench(args.steps, args.repeats, args.scaling_steps, Path(args.out), args.overrides, not args.no_scaling,
-                       ablation_steps=args.ablation_steps)
+    path = bench(args.steps, args.repeats, args.scaling_steps, Path(args.out), args.overrides, not args.no_scaling,
+                 ablation_steps=args.ablation_steps)
     print(path.read_text(), flush=True)
     return 0
 
 
 def _cmd_gpu_smoke(args) -> int:
-    from pipeline import experiments
+    from pipeline.experiments.gpu_smoke import gpu_smoke
 
-    print(experiments.gpu_smoke(args.steps, args.overrides).read_text(), flush=True)
+    print(gpu_smoke(args.steps, args.overrides).read_text(), flush=True)
     return 0
 
 
 def _cmd_recipe(args) -> int:
-    from pipeline import config
+    from pipeline import recipe as recipes
 
-    print(config.dumps(_resolve(args.recipe, args.overrides)), end="")
+    print(recipes.dumps(recipes.resolve(args.recipe, args.overrides)), end="")
     return 0
 
 
@@ -206,7 +198,19 @@ COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "evaluate": _cmd_evaluate, "ex
             "recipe": _cmd_recipe}
 
 
+def _interrupted(stop: Interrupted, args) -> None:
+    if stop.checkpoint is None:
+        print(f"twin-dpo: {stop}: stopped before the first checkpoint; nothing to resume, start again", file=sys.stderr)
+        return
+    from pipeline.training.guard import resume_command
+
+    run = stop.checkpoint.parent.parent
+    print(f"twin-dpo: {stop}: saved {stop.checkpoint}; continue with:\n  "
+          f"{resume_command(args.command, args.recipe, args.overrides, args.max_steps, run)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every way it can end maps to its exit status here, and only here."""
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -214,12 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"twin-dpo: error: {problem}", file=sys.stderr)
         return EXIT_USER
+    except Diverged as err:
+        print(f"twin-dpo: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Interrupted as stop:
+        _interrupted(stop, args)
+        return stop.exit_status
     except RunFailed as err:
         print(f"twin-dpo: {err}", file=sys.stderr)
-        return 1
+        return EXIT_CHILD_FAILED
     except KeyboardInterrupt:
         print("twin-dpo: interrupted", file=sys.stderr)
-        return 130
+        return Interrupted(signal.SIGINT, None).exit_status
 
 
 def entry() -> None:

@@ -1,1 +1,1 @@
-"""Runnable recipes: one module per recipe, each defines `recipe` (a pipeline.config.Recipe)."""
+"""Runnable recipes: one module per recipe, each defines `recipe` (a pipeline.recipe.Recipe)."""

@@ -14,7 +14,7 @@ Batch 2 without accumulation: the Handbook's 2 x 8 would give 12 optimizer steps
 on 200 pairs, fewer than its own 10 warm-up steps.
 """
 
-from pipeline.config import DataConfig, LoraSettings, ModelConfig, Recipe, TrainConfig
+from pipeline.recipe import DataConfig, LoraSettings, ModelConfig, Recipe, TrainConfig
 
 recipe = Recipe(
     name="dpo-lora",

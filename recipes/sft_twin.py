@@ -5,7 +5,7 @@ template applied, loss on the answers only) scaled to 200 short answers on 2 cor
 batch 4. The held-out split (40 answers on 10 unseen topics) is never trained on.
 """
 
-from pipeline.config import DataConfig, LoraSettings, ModelConfig, Recipe, TrainConfig
+from pipeline.recipe import DataConfig, LoraSettings, ModelConfig, Recipe, TrainConfig
 
 recipe = Recipe(
     name="sft-twin",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline import bench
+from pipeline.experiments import bench
 
 
 def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, tmp_path):

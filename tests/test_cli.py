@@ -14,13 +14,13 @@ from pipeline import cli
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if anything tries to load model weights."""
-    from pipeline import model
+    from pipeline.model import hf, paths
 
-    def refuse(*args, **kwargs):
+    def refuse(*_args, **_kwargs):
         raise AssertionError("model weights were loaded before the input was checked")
 
-    monkeypatch.setattr(model, "load_base", refuse)
-    monkeypatch.setattr(model, "embedded_model_dir", refuse)
+    monkeypatch.setattr(hf, "load_base", refuse)
+    monkeypatch.setattr(paths, "embedded_model_dir", refuse)
 
 
 def _run(capsys, *argv):

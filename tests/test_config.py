@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline import config
-from pipeline.config import Recipe
+from pipeline import recipe as config
+from pipeline.recipe import Recipe
 from pipeline.errors import UserError
 
 
@@ -80,7 +80,7 @@ def test_full_training_of_a_4bit_base_is_refused():
 def test_misspelled_field_in_a_recipe_file_names_file_line_and_fix(tmp_path):
     path = tmp_path / "mine.py"
     path.write_text(
-        "from pipeline.config import Recipe, TrainConfig\n"
+        "from pipeline.recipe import Recipe, TrainConfig\n"
         "\n"
         "recipe = Recipe(train=TrainConfig(learnig_rate=1e-6))\n"
     )
@@ -104,6 +104,6 @@ def test_config_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.config, pipeline.cli; config = pipeline.config; config.validate(config.load_recipe('dpo_lora')); print('torch' in sys.modules)"
+    code = "import sys, pipeline.recipe, pipeline.cli; config = pipeline.recipe; config.validate(config.load_recipe('dpo_lora')); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from pipeline import data, style
-from pipeline.assets import build_preferences
+from pipeline import data
+from pipeline.data.assets import build_preferences
+from pipeline.evaluation import style
 from pipeline.errors import UserError
 
 

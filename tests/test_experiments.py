@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from conftest import tiny_recipe
-from pipeline import cli, evaluate, train
+from pipeline import cli
+from pipeline.evaluation import evaluate
+from pipeline.training import dpo as train
 
 
 def _sets(model_dir, data):

@@ -7,23 +7,22 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_recipe
-from pipeline import cli, export, train
-
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python ([gguf] extra, make setup-gguf) is not installed")
-
+from conftest import needs_llama_cpp, tiny_recipe
+from pipeline import cli
+from pipeline.export import gguf_convert
+from pipeline.export import orchestrate as export
+from pipeline.training import dpo as train
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def trained_run(request, tmp_path_factory, small_data):
-    """A 3-step LoRA DPO run on a tiny model of each family."""
-    from conftest import save_tiny
-
-    folder = save_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+    """A 3-step LoRA DPO run on a tiny model of each family (the session's tiny models)."""
+    folder = request.getfixturevalue(f"tiny_{request.param}")
     run_dir = tmp_path_factory.mktemp("runs") / request.param
     train.train(tiny_recipe(folder, small_data), run_dir, max_steps=3)
     return request.param, folder, run_dir
 
 
+@needs_llama_cpp
 def test_export_writes_and_proves_every_format(trained_run, capsys):
     import gguf
     from peft import PeftModel
@@ -70,11 +69,12 @@ def test_export_writes_and_proves_every_format(trained_run, capsys):
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+@needs_llama_cpp
 def test_a_converter_without_the_qk_permutation_fails_the_f16_proof(trained_run, monkeypatch, capsys):
     family, _, run_dir = trained_run
     if family != "llama":
         pytest.skip("Qwen2 GGUF uses NEOX rope: its q/k rows are not permuted, so there is nothing to switch off")
-    monkeypatch.setattr(export, "_PERMUTE_QK", False)
+    monkeypatch.setattr(gguf_convert, "permute_rotary", lambda weight, _n_head: weight)
     before = sorted(p.name for p in run_dir.iterdir())
     code = cli.main(["export", str(run_dir), "--set", "export.formats=merged,gguf-f16"])
     err = capsys.readouterr().err
@@ -87,7 +87,6 @@ def test_a_converter_without_the_qk_permutation_fails_the_f16_proof(trained_run,
 
 
 def test_unsupported_architecture_is_one_line(tmp_path):
-    from pipeline import gguf_convert
     from pipeline.errors import UserError
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from pipeline import fast, reference, train
+from pipeline.training import dpo as train
+from pipeline.training import fast_head as fast
+from pipeline.training import reference
 
 
 def _trainer(tiny_llama, small_data, tmp_path, **overrides):
@@ -16,12 +18,13 @@ def _trainer(tiny_llama, small_data, tmp_path, **overrides):
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from pipeline import model as model_mod
+    from pipeline.model import hf
+    from pipeline.training import arguments
 
     recipe = tiny_recipe(tiny_llama, small_data, **overrides)
     prep = train.prepare(recipe)
-    loaded = model_mod.load(recipe, prep.backend, tokenizer=prep.tokenizer)
-    args = train.dpo_args(recipe, tmp_path, "cpu", 4)
+    loaded = hf.load(recipe, prep.backend, tokenizer=prep.tokenizer)
+    args = arguments.dpo_args(recipe, tmp_path, "cpu", 4)
     return DPOTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(prep.train_rows),
                       eval_dataset=Dataset.from_list(prep.eval_rows), processing_class=loaded.tokenizer,
                       peft_config=loaded.peft_config)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from pipeline import train
+from pipeline.training import dpo as train
 
 pytestmark = [
     pytest.mark.gpu,

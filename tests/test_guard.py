@@ -17,22 +17,28 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from pipeline import cli, guard, train
-from pipeline.errors import UserError
+from pipeline import cli
+from pipeline.errors import EXIT_DIVERGED, Diverged, UserError
+from pipeline.training import dpo as train
+from pipeline.training import guard
 
 STEPS = 12
 
 
-def _argv(model, data, extra=()):
-    return [sys.executable, "-m", "pipeline", "train", "dpo_lora", "--max-steps", str(STEPS), "--no-eval",
+SLOW_STEPS = Path(__file__).parent / "slow_steps.py"
+
+
+def _argv(model, data, extra=(), command="train", recipe="dpo_lora"):
+    return [sys.executable, "-m", "pipeline", command, recipe, "--max-steps", str(STEPS), *(["--no-eval"] if command == "train" else []),
             "--set", f"model.name_or_path={model}", "--set", f"data.train={data['train']}",
             "--set", f"data.eval={data['heldout']}", "--set", "model.dtype=float32", "--set", "train.save_every=2",
             "--set", "train.eval_every=0", "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=0", *extra]
 
 
 def _start(argv, delay="0.15"):
-    env = {**os.environ, "TWIN_DPO_TEST_STEP_DELAY": delay}
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The command in `argv` (python -m pipeline ...) with each step slowed by `delay` seconds."""
+    slow = [sys.executable, str(SLOW_STEPS), delay, *argv[3:]]
+    return subprocess.Popen(slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path: Path, proc, timeout=120):
@@ -92,13 +98,19 @@ def test_three_kills_at_random_moments_then_the_same_adapter(tiny_llama, small_d
     for kill in range(3):
         proc = _start(first if kill == 0 else again)
         _wait_for(run_dir / "metrics.jsonl", proc)  # training (or its evaluation) has begun
-        time.sleep(rng.uniform(0.0, 1.5))
+        if kill == 2:  # the last kill comes once a complete checkpoint exists, so the final run must resume from one
+            end = time.time() + 120
+            while guard.latest_checkpoint(run_dir / "checkpoints") is None and proc.poll() is None and time.time() < end:
+                time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5 if kill < 2 else 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if kill == 0 and not (run_dir / "recipe.json").exists():
             pytest.fail("the first process was killed before it wrote its recipe")
     done = subprocess.run(again, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from checkpoint-" in done.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] >= 2
     a, b = _adapter(run_dir), _adapter(uninterrupted)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     left = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
@@ -155,7 +167,7 @@ class Poison:
 def test_a_nan_step_stops_the_run_keeps_the_last_good_checkpoint(tiny_llama, small_data, tmp_path):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tiny_llama, small_data, save_every=2)
-    with pytest.raises(guard.Diverged) as err:
+    with pytest.raises(Diverged) as err:
         train.train(recipe, run_dir, max_steps=10, extra_callbacks=[Poison(step=5)])
     assert "training diverged at step 5: loss nan" in str(err.value)
     assert "learning rate (0.001) is likely too high" in str(err.value)
@@ -173,10 +185,10 @@ def test_a_nan_step_stops_the_run_keeps_the_last_good_checkpoint(tiny_llama, sma
 
 def test_diverged_exit_status_is_3(monkeypatch, capsys):
     def boom(*args, **kwargs):
-        raise guard.Diverged("training diverged at step 5: loss nan; ...")
+        raise Diverged("training diverged at step 5: loss nan; ...")
 
     monkeypatch.setattr(train, "train", boom)
-    assert cli.main(["train", "dpo_lora", "--max-steps", "1"]) == guard.EXIT_DIVERGED == 3
+    assert cli.main(["train", "dpo_lora", "--max-steps", "1"]) == EXIT_DIVERGED == 3
     assert "training diverged at step 5" in capsys.readouterr().err
 
 
@@ -204,7 +216,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_llama, small_
 
 def test_a_second_process_on_the_same_run_folder_is_refused(tiny_llama, small_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline import guard; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.training import guard; "
                                f"lock = guard.RunLock(__import__('pathlib').Path({str(run_dir)!r})).__enter__(); "
                                "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
@@ -234,3 +246,45 @@ def test_a_model_that_needs_remote_code_is_refused(tiny_llama, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "model.trust_remote_code=true" in err[0] and str(folder) in err[0]
+
+
+def _sft_argv(model, data, extra=()):
+    return _argv(model, data, extra, command="sft", recipe="sft_twin")
+
+
+def test_sft_kill_9_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny_llama, small_data, tmp_path):
+    straight = tmp_path / "straight"
+    done = subprocess.run(_sft_argv(tiny_llama, small_data, ["--run-dir", str(straight)]), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    proc = _start(_sft_argv(tiny_llama, small_data, ["--run-dir", str(run_dir)]))
+    assert _wait_for(run_dir / "checkpoints" / "checkpoint-4" / guard.MARKER, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter").exists()
+    done = subprocess.run(_sft_argv(tiny_llama, small_data, ["--resume", str(run_dir)]), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS and summary["resumed_from_step"] >= 4
+    a, b = _adapter(run_dir), _adapter(straight)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_sft_stops_on_a_nan_step_and_refuses_a_second_process(tiny_llama, small_data, tmp_path, capsys):
+    from pipeline import recipe as recipes
+    from pipeline.training import sft
+
+    recipe = recipes.apply_overrides(recipes.load_recipe("sft_twin"), [
+        f"model.name_or_path={tiny_llama}", f"data.train={small_data['train']}", f"data.eval={small_data['heldout']}",
+        "model.dtype=float32", "train.save_every=2", "train.eval_every=0", "train.learning_rate=1e-3"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(Diverged, match="training diverged at step 3: loss nan"):
+        sft.sft(recipe, run_dir, max_steps=6, extra_callbacks=[Poison(step=3)])
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    assert not (run_dir / "adapter").exists()
+    assert [p.name for p in guard.complete_checkpoints(run_dir / "checkpoints")] == ["checkpoint-2"]
+    with guard.RunLock(tmp_path / "locked"):
+        code = cli.main(["sft", "sft_twin", "--max-steps", "1", "--run-dir", str(tmp_path / "locked"),
+                         "--set", f"model.name_or_path={tiny_llama}", "--set", f"data.train={small_data['train']}"])
+    assert code == 2 and "is in use by" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import CHATML, build_tokenizer
-from pipeline import modelfile
+from pipeline.export import modelfile
 from pipeline.errors import UserError
 
 SMOLLM = (  # SmolLM2-Instruct's template: inserts a default system turn

@@ -18,7 +18,7 @@ def shared_cache(tmp_path_factory, monkeypatch):
 
 
 def test_embedded_model_converts_once_and_trains(tmp_path, shared_cache):
-    from pipeline import model
+    from pipeline.model import paths as model
 
     first = model.embedded_model_dir()
     assert (first / "config.json").is_file() and (first / "chat_template.jinja").is_file()
@@ -43,7 +43,7 @@ def test_embedded_model_chats_with_its_template(shared_cache):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import model
+    from pipeline.model import paths as model
 
     folder = model.embedded_model_dir()
     tok = AutoTokenizer.from_pretrained(folder)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from pipeline import train
+from pipeline.training import dpo as train
 from pipeline.data import load_pairs, templated
 
 
@@ -92,21 +92,22 @@ def test_qlora_dpo_trains_adapter_on_4bit_base(tiny_llama, small_data, tmp_path)
 
 def test_4bit_gradients_survive_an_evaluation_pass(tiny_llama):
     """bitsandbytes repacks 4-bit weights for a CPU kernel without backward on the first no-grad eval forward;
-    pipeline.model.keep_4bit_trainable stops that, so gradients after an evaluation equal those before."""
+    pipeline.model.hf.keep_4bit_trainable stops that, so gradients after an evaluation equal those before."""
     from peft import get_peft_model
 
     from conftest import tiny_recipe
-    from pipeline import model as model_mod
+    from pipeline.model import hf
+    from pipeline.model.backend import Backend
 
     recipe = tiny_recipe(tiny_llama, {"train": "x", "heldout": "y"})
     recipe = replace(recipe, model=replace(recipe.model, load_in_4bit=True))
-    backend = model_mod.Backend("hf", "test", "cpu")
+    backend = Backend("hf", "test", "cpu")
     ids = torch.arange(3, 40).unsqueeze(0)
 
     def lora_grads(evaluate_first: bool):
         torch.manual_seed(0)
-        base = model_mod.load_base(recipe, str(tiny_llama), backend)
-        peft_model = get_peft_model(base, model_mod.peft_config(recipe, base))
+        base = hf.load_base(recipe, str(tiny_llama), backend)
+        peft_model = get_peft_model(base, hf.peft_config(recipe, base))
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.02)  # non-zero B so gradients reach lora_A of early layers

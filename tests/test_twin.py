@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import save_tiny, tiny_recipe
-from pipeline import cli, sft, train
+from pipeline import cli
+from pipeline.training import dpo as train
+from pipeline.training import sft
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +92,6 @@ def test_dpo_on_the_twin_adapter_keeps_its_reference_copy(tiny_llama, small_data
     assert summary["eval_before"]["reward_margin"] == 0.0
     recipe_json = json.loads((run_dir / "recipe.json").read_text())
     assert recipe_json["model"]["adapter"] == str((sft_dir / "adapter").resolve())
-
-
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python ([gguf] extra) is not installed")
 
 
 def test_twin_export_merges_base_and_policy_only(tiny_llama, small_data, sft_run, tmp_path, capsys):

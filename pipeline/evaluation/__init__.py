@@ -1,0 +1,1 @@
+"""Evaluation: held-out DPO numbers from the run, greedy answers to the fixed questions, style metrics."""

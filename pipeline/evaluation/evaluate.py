@@ -1,0 +1,173 @@
+"""`python -m pipeline evaluate RUN` (also run at the end of training): did the twin move toward the voice?
+
+- Held-out DPO numbers (reward accuracy, margin, loss) for the untouched twin and
+  the trained policy, as measured by the trainer on the held-out pairs (the
+  run's summary.json: before = step 0, after = the last step).
+- Greedy answers (fixed seed, fixed max tokens, fp32) of both to the fixed
+  questions in data/questions.py, and the style metrics of those answers
+  (evaluation/style.py). The untouched twin's answers are cached on disk: every
+  run on the same twin shares them.
+Writes RUN/eval.json and RUN/samples.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import recipe as recipes
+from pipeline import run_folder
+from pipeline.data import Pair, load_splits, render_prompt
+from pipeline.data.questions import FIXED_QUESTIONS
+from pipeline.errors import UserError
+from pipeline.evaluation import style
+from pipeline.model import hf, paths, runtime
+from pipeline.model.backend import Backend, cuda_available
+from pipeline.storage import cache_root, hasher, read_json, write_json_atomic, write_text_atomic
+
+MAX_NEW_TOKENS = 128
+
+
+def generate(model, tokenizer, questions, system_prompt: str | None, max_new_tokens: int) -> list[str]:
+    """Greedy answers to `questions`, one batch, left-padded."""
+    import torch
+
+    prompts = [render_prompt(tokenizer, Pair((("user", q),), "", "", "question"), system_prompt) for q in questions]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+def _fingerprint(path: str, recipe) -> str:
+    """Identity of the untouched twin: its weight files' contents and everything that shapes its answers."""
+    h = hasher()
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if recipe.model.adapter:  # a twin adapter is part of the untouched twin
+        files += sorted(Path(recipe.model.adapter).glob("*.safetensors"))
+    for f in files:
+        with f.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                h.update(chunk)
+    import torch
+
+    h.update(json.dumps([path if not folder.is_dir() else "", recipe.model.load_in_4bit, recipe.data.system_prompt,
+                         FIXED_QUESTIONS, MAX_NEW_TOKENS, torch.__version__, "fp32-greedy"]).encode())
+    return h.hexdigest()
+
+
+def _models(recipe, run_dir: Path, artifact: str, path: str):
+    """(trained policy, untouched twin) as callables that yield a model: they may share one set of weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fp32 = recipes.apply_overrides(recipe, ["model.dtype=float32"])
+    backend = Backend("hf", "evaluate", "cpu" if not cuda_available() else "cuda")
+    if artifact == "adapter":
+        from peft import PeftModel
+
+        policy = PeftModel.from_pretrained(hf.load_base(fp32, path, backend), run_dir / "adapter").eval()
+        if recipe.model.adapter:  # the untouched twin is the base with its SFT adapter
+            policy.load_adapter(recipe.model.adapter, adapter_name="twin")
+
+            @contextlib.contextmanager
+            def twin():
+                policy.set_adapter("twin")
+                try:
+                    yield policy
+                finally:
+                    policy.set_adapter("default")
+
+            return contextlib.nullcontext(policy), twin
+
+        @contextlib.contextmanager
+        def adapter_off():  # the untouched twin is the same base with the adapter switched off
+            with policy.disable_adapter():
+                yield policy
+
+        return contextlib.nullcontext(policy), adapter_off
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
+
+    @contextlib.contextmanager
+    def twin():
+        yield hf.load_base(fp32, path, backend).eval()
+
+    return contextlib.nullcontext(policy), twin
+
+
+def evaluate(run_dir: Path | None) -> dict[str, Any]:
+    start = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir else run_folder.latest_run()
+    if not (run_dir / "summary.json").is_file():
+        raise UserError(f"{run_dir} is not a finished run (no summary.json)")
+    recipe = recipes.from_dict(read_json(run_dir / "recipe.json"), str(run_dir / "recipe.json"))
+    summary = read_json(run_dir / "summary.json")
+    runtime.quiet_libraries()
+    runtime.set_threads(recipe.train.threads)
+    path = paths.resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
+    tokenizer = hf.load_tokenizer(recipe, path)
+    system = recipe.data.system_prompt
+    policy_ctx, twin_ctx = _models(recipe, run_dir, summary.get("artifact", "adapter"), path)
+    with policy_ctx as policy:
+        after = generate(policy, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS)
+        cache = cache_root() / "generations" / f"{_fingerprint(path, recipe)}.json"
+        if cache.is_file():
+            before = json.loads(cache.read_text())["answers"]
+        else:
+            with twin_ctx() as twin:
+                before = generate(twin, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache, {"questions": FIXED_QUESTIONS, "answers": before})
+    report = {
+        "run": str(run_dir),
+        "held_out": {"before": summary.get("eval_before"), "after": summary.get("eval_after"),
+                     "pairs": summary.get("eval_pairs")},
+        "style": {"before": style.metrics(before), "after": style.metrics(after),
+                  "author_reference": style.metrics(_chosen_answers(recipe)),
+                  "generic_reference": style.metrics(_chosen_answers(recipe, "rejected"))},
+        "generations": [{"question": q, "before": b, "after": a} for q, b, a in zip(FIXED_QUESTIONS, before, after)],
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "decoding": "greedy, fp32, seed 0",
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json_atomic(run_dir / "eval.json", report)
+    write_text_atomic(run_dir / "samples.md", samples_markdown(report))
+    return report
+
+
+def _chosen_answers(recipe, side: str = "chosen") -> list[str]:
+    """The held-out answers themselves, as the yardstick: what the author's voice (and the generic one) measure."""
+    _, held = load_splits(recipe.data)
+    return [getattr(p, side) for p in held]
+
+
+def samples_markdown(report: dict[str, Any]) -> str:
+    b, a = report["style"]["before"], report["style"]["after"]
+    lines = [f"# Samples: {report['run']}", "",
+             f"Greedy, {report['max_new_tokens']} new tokens at most. Style of these answers (before -> after):", "",
+             "| metric | untouched twin | trained | author's held-out answers |", "|---|---|---|---|"]
+    for key in b:
+        lines.append(f"| {key} | {b[key]:.3f} | {a[key]:.3f} | {report['style']['author_reference'][key]:.3f} |")
+    for g in report["generations"]:
+        lines += ["", f"## {g['question']}", "", f"**Untouched twin:** {g['before']}", "", f"**Trained:** {g['after']}"]
+    return "\n".join(lines) + "\n"
+
+
+def describe(report: dict[str, Any]) -> str:
+    b, a = report["style"]["before"], report["style"]["after"]
+    return (f"style (untouched -> trained): {b['words_per_answer']:.0f} -> {a['words_per_answer']:.0f} words/answer, "
+            f"{b['words_per_sentence']:.1f} -> {a['words_per_sentence']:.1f} words/sentence, stock phrases in "
+            f"{b['stock_phrase_share']:.0%} -> {a['stock_phrase_share']:.0%} of answers, first person "
+            f"{b['first_person_per_100_words']:.1f} -> {a['first_person_per_100_words']:.1f} per 100 words, "
+            f"repetition {b['repetition_rate']:.2f} -> {a['repetition_rate']:.2f}")

@@ -1,0 +1,85 @@
+"""The process a run lives in: quiet libraries, allocator, threads, and the facts every summary records
+(versions, device, peak memory). torch and the libraries are imported inside the functions: on the unsloth
+path they must be imported after unsloth (pipeline/model/unsloth.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import resource
+import warnings
+from importlib import metadata
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress bar and messages."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    # transformers' own deprecation notices (e.g. `is_gradient_checkpointing`) are for library authors, not users
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def tune_allocator() -> str:
+    """Serve tensors of 4 MB and more from mmap (returned to the OS when freed) instead of glibc's heap.
+
+    glibc raises its mmap threshold as large blocks are freed, so the variable-size activations of a training
+    run fragment the heap and the RSS creeps up. A fixed threshold stops that: measured here (40 LoRA DPO
+    steps), peak RSS 3.97 -> 3.36 GB at the same speed (1.69 pairs/s both); 128 KB was 2.3x slower (page faults).
+    TWIN_DPO_MMAP_THRESHOLD_MB=0 turns it off.
+    """
+    mb = int(os.environ.get("TWIN_DPO_MMAP_THRESHOLD_MB", "4") or 0)
+    if mb <= 0:
+        return "glibc default"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if libc.mallopt(-3, mb << 20) != 1:  # M_MMAP_THRESHOLD
+            return "glibc default"
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return "system default"
+    return f"mmap threshold {mb} MB"
+
+
+def set_threads(threads: int) -> int:
+    """torch's CPU threads: the recipe's `train.threads`, or one per CPU this process may run on."""
+    import torch
+
+    n = threads or max(1, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(n)
+    return n
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "unsloth", "unsloth_zoo"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA max allocated on GPU, else this process's peak RSS."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (ru_maxrss)"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"

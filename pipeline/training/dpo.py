@@ -1,0 +1,133 @@
+"""One DPO run, top-down: recipe -> checks -> run folder -> model -> trl.DPOTrainer -> summary.json.
+
+TRL's trainer is wrapped, not subclassed. For method `lora` the policy is the base plus a fresh adapter and
+the reference is the same base with the adapter switched off (TRL does this when given a plain model and a
+`peft_config`), so the base weights are in memory once. With a twin adapter (`model.adapter`) the policy is a
+trainable copy of it and the reference a frozen copy on the same base.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.model import adapters
+from pipeline.model.backend import precision
+from pipeline.recipe import Recipe
+from pipeline.storage import human_bytes
+from pipeline.training import arguments, fast_head, reference
+from pipeline.training.callbacks import run_log
+from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
+from pipeline.training.run import Run
+
+EVAL_KEYS = {"reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eval_rewards/margins", "loss": "eval_loss"}
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None, inspect: Any = None,
+          resume: str | Path | None = None, force: bool = False, extra_callbacks: list | None = None,
+          ) -> tuple[dict[str, Any], Path]:
+    """Run DPO for `recipe`; returns (summary, run folder). The folder is made only after all checks pass.
+
+    `max_steps` overrides train.max_steps (and is recorded in recipe.json). `resume`: a run folder, or
+    "latest" for the newest unfinished run of this recipe; it continues from the newest complete checkpoint.
+    `inspect(trainer)`, if given, is called after training (tests look at the reference adapter there).
+    """
+    started = time.perf_counter()
+    recipe = with_max_steps(recipe, max_steps)
+    allocator = begin(recipe)
+    prep = prepare(recipe)
+    recipe, backend = prep.recipe, prep.backend
+    prec = precision(recipe, backend.device)
+    with Run.open(recipe, run_dir, resume, force, prec.autocast) as run:
+        run.started = started
+        announce(prep, run)
+        loaded = load_model(prep, run)
+        trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [])
+        head = "completion-only (training/fast_head.py)" if recipe.train.fast_head and fast_head.install_on_trainer(
+            trainer) else "TRL's fused head"
+        reference_info = attach_reference(trainer, recipe, loaded)
+        try:
+            before, after = run.fit(trainer, eval_block)
+        finally:
+            log.close()
+        if inspect is not None:
+            inspect(trainer)
+        artifact = run.save_policy(trainer.model, loaded.tokenizer)
+        summary = run.summary(
+            trainer, backend, prec, loaded.path, "pairs", len(prep.train_rows), before, after,
+            twin_adapter=recipe.model.adapter, reference=reference_kind(recipe), **reference_info, lm_head=head,
+            mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1), eval_pairs=len(prep.eval_rows),
+            artifact=artifact, allocator=allocator)
+        run.finish(summary)
+    return summary, run.path
+
+
+def build_trainer(prep: Prepared, run: Run, loaded, extra_callbacks: list):
+    """(trl.DPOTrainer on the prepared rows, our progress log): the log and the guard replace TRL's printer."""
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOTrainer
+
+    recipe = prep.recipe
+    total_steps = arguments.planned_steps(recipe, len(prep.train_rows))
+    log = run_log(run.path, total_steps, "DPO")
+    trainer = DPOTrainer(
+        model=loaded.model,
+        ref_model=loaded.ref_model,
+        args=arguments.dpo_args(recipe, run.path, prep.backend.device, total_steps),
+        train_dataset=Dataset.from_list(prep.train_rows),
+        eval_dataset=Dataset.from_list(prep.eval_rows),
+        processing_class=loaded.tokenizer,
+        peft_config=loaded.peft_config,
+        callbacks=[log, run.guard, *extra_callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    if recipe.model.adapter and loaded.ref_model is None:
+        adapters.ensure_reference_copy(trainer.model)
+    return trainer, log
+
+
+def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
+    """Reference log-probs computed once (or read from the cache) so the reference never runs in training."""
+    if not recipe.train.precompute_ref:
+        return {"reference_cache": None, "reference_reused": False, "reference_forward_passes": None,
+                "reference_seconds": 0.0}
+    info = reference.attach(trainer, reference.default_cache_dir())
+    if trainer.ref_model is not None:  # full DPO: its log-probs are stored, the copy can go
+        trainer.ref_model = None
+        loaded.ref_model = None
+    how = "reused from" if info["reference_reused"] else "computed and cached in"
+    print(f"[twin-dpo] reference log-probs {how} {info['reference_cache']} ({info['reference_seconds']:.0f} s)",
+          flush=True)
+    return info
+
+
+def eval_block(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: float(metrics[key]) for name, key in EVAL_KEYS.items()}
+
+
+def reference_kind(recipe: Recipe) -> str:
+    if recipe.model.adapter:
+        if recipe.model.twin_reference == "merged-copy":
+            kind = "the twin adapter merged into a separate full copy of the base"
+        else:
+            kind = "a frozen copy of the twin adapter on the shared base (one base in memory, two adapters)"
+    else:
+        kind = "base with the adapter switched off" if recipe.method == "lora" else "separate frozen copy of the model"
+    return kind + ("; its log-probs computed once before training" if recipe.train.precompute_ref
+                   else "; run at every step")
+
+
+def describe(summary: dict[str, Any], run_dir: Path) -> str:
+    b, a = summary["eval_before"], summary["eval_after"]
+    return "\n".join([
+        f"done: {summary['steps']} steps, {summary['pairs_trained']} pairs in {summary['train_seconds']:.0f} s "
+        f"({summary['pairs_per_second']:.2f} pairs/s, {summary['tokens_per_second']:.0f} tokens/s); "
+        f"model load {summary['load_seconds']:.0f} s, evaluation {summary['eval_seconds']:.0f} s; "
+        f"peak memory {human_bytes(summary['peak_memory_bytes'])}",
+        f"held-out ({summary['backend']}): reward accuracy {b['reward_accuracy']:.3f} -> {a['reward_accuracy']:.3f}, "
+        f"margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, loss {b['loss']:.4f} -> {a['loss']:.4f}",
+        f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,}",
+        f"run folder: {run_dir}  ({summary['artifact']}/, metrics.jsonl, summary.json)",
+    ])

@@ -1,0 +1,172 @@
+"""Doing less work per DPO step, without changing what is learned.
+
+TRL 1.16 patches the model with a "fused LM head" that returns per-token
+log-probabilities instead of logits. On CUDA it scores only the positions that
+have a label; elsewhere (this CPU) it scores every position - prompt and
+padding included - through the whole 49k-word vocabulary, and folds four
+logging statistics into that pass. `install_completion_head` replaces that
+forward with one that projects only the completion positions (the only ones
+the DPO loss reads), a slice of positions at a time (memory: one slice of
+logits, recomputed in the backward pass), and computes the logging statistics
+from the same logits without gradient. Same outputs, same gradients
+(tests/test_fast.py checks both against TRL's head); a fraction of the work on CPU.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.training import trl_compat
+
+
+def _supported(model) -> bool:
+    text = model.config.get_text_config()
+    special = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    return not any(getattr(text, name, None) not in (None, 1.0) for name in special) and not getattr(
+        text, "output_router_logits", False
+    )
+
+
+CHUNK = 256  # completion positions per slice of the LM head: [256 x 49k] fp32 logits is 50 MB
+
+
+def _mm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    """log p(target) for each row of `hidden @ weight.T + bias`, a slice of rows at a time.
+
+    Forward keeps only the per-row log-normaliser; backward recomputes each slice's logits, so memory stays at
+    one [CHUNK x vocab] slice instead of [rows x vocab] saved for autograd. The logging statistics (entropy,
+    mean logit, top-1) come from the same slices, without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, want: tuple[str, ...]):
+        dtype = _mm_dtype(hidden.device.type, hidden.dtype)
+        n = hidden.shape[0]
+        log_z = hidden.new_empty(n, dtype=torch.float32)
+        log_probs = hidden.new_empty(n, dtype=torch.float32)
+        stats = {name: hidden.new_empty(n, dtype=torch.float32) for name in ("entropy", "log_sum_sq_probs", "mean_logits")
+                 if name in want}
+        top1 = hidden.new_empty(n, dtype=torch.bool) if "is_top1" in want else None
+        w = weight.to(dtype)
+        for start in range(0, n, CHUNK):
+            rows = slice(start, start + CHUNK)
+            logits = F.linear(hidden[rows].to(dtype), w, None if bias is None else bias.to(dtype)).float()
+            lz = torch.logsumexp(logits, dim=-1)
+            log_z[rows] = lz
+            log_probs[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lz
+            if "entropy" in stats or "log_sum_sq_probs" in stats:
+                log_p = logits - lz.unsqueeze(-1)
+                p = log_p.exp()
+                if "entropy" in stats:
+                    stats["entropy"][rows] = -(p * log_p).sum(-1)
+                if "log_sum_sq_probs" in stats:
+                    stats["log_sum_sq_probs"][rows] = torch.log((p * p).sum(-1))
+            if "mean_logits" in stats:
+                stats["mean_logits"][rows] = logits.mean(-1)
+            if top1 is not None:
+                top1[rows] = logits.argmax(-1) == targets[rows]
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, log_z)
+        ctx.has_bias, ctx.dtype = bias is not None, dtype
+        ctx.mark_non_differentiable(*stats.values(), *([top1] if top1 is not None else []))
+        return log_probs, stats.get("entropy"), stats.get("log_sum_sq_probs"), stats.get("mean_logits"), top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, *unused):
+        hidden, weight, bias, targets, log_z = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype = ctx.dtype
+        w = weight.to(dtype)
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (need_b and ctx.has_bias) else None
+        for start in range(0, hidden.shape[0], CHUNK):
+            rows = slice(start, start + CHUNK)
+            h = hidden[rows].to(dtype)
+            logits = F.linear(h, w, bias.to(dtype) if ctx.has_bias else None).float()
+            # d log p(t) / d logits = onehot(t) - softmax
+            d = -(logits - log_z[rows].unsqueeze(-1)).exp()
+            d.scatter_add_(-1, targets[rows].unsqueeze(-1), torch.ones_like(d[:, :1]))
+            d.mul_(grad_log_probs[rows].unsqueeze(-1))
+            if grad_h is not None:
+                grad_h[rows] = (d.to(dtype) @ w).float()
+            if grad_w is not None:
+                grad_w += (d.t().to(dtype) @ h).float()
+            if grad_b is not None:
+                grad_b += d.sum(0)
+        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def completion_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, outputs: tuple[str, ...]):
+    """Log-probability of each target under `hidden @ weight.T (+ bias)`, plus the requested statistics.
+
+    hidden: [n, H] (completion positions only); targets: [n]. Returns (log_probs, entropy, log_sum_sq_probs,
+    mean_logits, is_top1); statistics not in `outputs` are None. Only log_probs carries a gradient.
+    """
+    return _ChunkedLogProb.apply(hidden, weight, bias, targets, tuple(outputs))
+
+
+def install_completion_head(model, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")) -> bool:
+    """Replace TRL's fused LM head on `model` (a transformers model, not the PEFT wrapper) by the completion-only one.
+
+    Returns False, leaving TRL's head in place, where ours does not apply: CUDA (TRL's Triton path already scores
+    only labelled positions), logit scaling or soft-capping, MoE router losses, or a TRL without the fused head.
+    """
+    FusedCausalLMOutput = trl_compat.fused_output_class()
+    if FusedCausalLMOutput is None:
+        return False
+    if not _supported(model) or next(model.parameters()).device.type == "cuda":
+        return False
+    original = types.MethodType(type(model).forward, model)
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+        mask = shift_labels != -100
+        head = self.get_output_embeddings()
+        fields = completion_log_probs(hidden[mask], head.weight, head.bias, shift_labels[mask], outputs)
+        # masked_scatter keeps the result attached to the graph even when no position is labelled
+        full = [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in fields]
+        log_probs = full[0]
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denominator,
+            log_probs=log_probs,
+            entropy=full[1],
+            log_sum_sq_probs=full[2],
+            mean_logits=full[3],
+            is_top1=full[4],
+            label_mask=mask,
+            aux_loss=None,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    model._twin_dpo_head = f"completion-only, {CHUNK} rows per slice"  # part of the reference cache key
+    return True
+
+
+def install_on_trainer(trainer) -> bool:
+    """Install the completion-only head on the trainer's policy and, if separate, its reference model."""
+    from accelerate.utils import is_peft_model
+
+    policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+    weighting = ("log_sum_sq_probs",) if trl_compat.uses_weighting(trainer) else ()
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + weighting
+    installed = install_completion_head(policy, outputs)
+    if installed and trainer.ref_model is not None:
+        install_completion_head(trainer.accelerator.unwrap_model(trainer.ref_model), ("log_probs",))
+    return installed

@@ -1,0 +1,159 @@
+"""Reference log-probabilities: computed once, cached on disk, reused by every run.
+
+The DPO reference is frozen, so its log-probability of each chosen and
+rejected answer is the same at every step, in every epoch, and in every run
+that shares (reference weights, tokenized data, max length). We compute it
+once, in length-sorted batches, with TRL's own `compute_ref_log_probs`, store
+it under `<cache>/reference/<key>.safetensors`, and hand it to TRL as the
+`ref_chosen_logps` / `ref_rejected_logps` columns its precompute mode reads.
+The key hashes the reference weights, the token ids, the max length and the
+numerics (autocast dtype, device, torch version, batch size), so a change to
+any of them (model, adapter, data, chat template, precision) misses the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.storage import cache_root, hasher
+from pipeline.training import trl_compat
+
+BATCH = 8  # pairs per no-grad forward (and per evaluation batch): sorted by length, so batches pad little
+
+
+def reference_tensors(trainer) -> list[tuple[str, torch.Tensor]]:
+    """The weights that define the reference: a separate model, or the base (+ a frozen `ref` adapter)."""
+    from accelerate.utils import is_peft_model
+
+    if trainer.ref_model is not None:
+        model = trainer.accelerator.unwrap_model(trainer.ref_model)
+        return sorted(model.state_dict().items())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not is_peft_model(model):
+        return sorted(model.state_dict().items())
+    has_ref_adapter = "ref" in model.peft_config
+    keep = []
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name and not (has_ref_adapter and ".ref." in name):
+            continue  # the policy adapter is not part of the reference
+        keep.append((name, tensor))
+    return sorted(keep)
+
+
+def _head(trainer) -> str:
+    """Which LM-head implementation computes the log-probs (they differ in float rounding)."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    model = trainer.accelerator.unwrap_model(model)
+    model = model.get_base_model() if is_peft_model(model) else model
+    return getattr(model, "_twin_dpo_head", "trl")
+
+
+def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
+    h = hasher()
+    for name, tensor in reference_tensors(trainer):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        t = tensor.detach().cpu()
+        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            t = t.float()
+        h.update(t.contiguous().numpy().tobytes())
+    args = trainer.args
+    # numerics: the same weights give other log-probs under another autocast dtype, device or torch build
+    h.update(f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trl_compat.ld_alpha(trainer)};"
+             f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
+             f"batch={BATCH};head={_head(trainer)}".encode())
+    for dataset in datasets:
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            for ids in dataset[column]:
+                h.update(len(ids).to_bytes(4, "little"))
+                h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _compute(trainer, dataset, progress_desc: str, sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs for every row of a TRL-tokenized dataset, in length-sorted batches if `sort`.
+
+    The eval set comes already sorted and is read in its own order, so these batches are exactly the
+    evaluation's batches and an untouched policy scores rewards of exactly zero.
+    """
+    from tqdm.auto import tqdm
+
+    order = list(range(len(dataset)))
+    if sort:
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+        order.sort(key=lambda i: lengths[i])
+    chosen = torch.empty(len(dataset), dtype=torch.float32)
+    rejected = torch.empty(len(dataset), dtype=torch.float32)
+    model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    was_training = trainer.model.training
+    trainer.model.eval()
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    try:
+        for start in tqdm(range(0, len(order), BATCH), desc=progress_desc, unit="batch", dynamic_ncols=True):
+            idx = order[start:start + BATCH]
+            rows = dataset.select(idx)
+            examples = [{c: rows[c][k] for c in columns} for k in range(len(idx))]
+            batch = trl_compat.prepare_inputs(trainer, trainer.data_collator(examples))
+            c, r = trainer.compute_ref_log_probs(model, batch)
+            chosen[idx] = c.float().cpu()
+            rejected[idx] = r.float().cpu()
+    finally:
+        trainer.model.train(was_training)
+    return chosen, rejected
+
+
+def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
+    """Give the trainer reference log-probs for its train and eval sets, from the cache or computed now.
+
+    Afterwards the trainer reads them from each batch (TRL's precompute mode) and never runs the reference
+    model during training or evaluation. Returns what happened, for the run summary.
+    """
+    start = time.perf_counter()
+    names = ["train"] + (["eval"] if trainer.eval_dataset is not None else [])
+    datasets = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+    key = cache_key(trainer, [datasets[n] for n in names], trainer.args.max_length)
+    path = (cache_dir / f"{key}.safetensors") if cache_dir else None
+    from safetensors.torch import load_file, save_file
+
+    if path is not None and path.is_file():
+        tensors = load_file(str(path))
+        reused = True
+    else:
+        tensors = {}
+        for name in names:
+            c, r = _compute(trainer, datasets[name], f"reference log-probs ({name})", sort=name == "train")
+            tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = c, r
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)
+        reused = False
+    for name in names:
+        ds = datasets[name]
+        for side in ("chosen", "rejected"):
+            column = f"ref_{side}_logps"
+            if column in ds.column_names:
+                ds = ds.remove_columns(column)
+            ds = ds.add_column(column, tensors[f"{name}.{side}"].tolist())
+        datasets[name] = ds
+    trainer.train_dataset = datasets["train"]
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = datasets["eval"]
+    # TRL's precompute mode: _compute_loss reads ref_*_logps from the batch instead of running the reference
+    trl_compat.use_precomputed_reference(trainer)
+    return {"reference_cache": str(path) if path else None, "reference_reused": reused,
+            "reference_forward_passes": 0 if reused else len(names),  # datasets run through the reference
+            "reference_seconds": round(time.perf_counter() - start, 2)}
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "reference"
+
