@@ -65,7 +65,9 @@ def main() -> None:
 
     t = recipe.train
     max_steps = args.max_steps or t.max_steps
-    steps = max_steps if max_steps > 0 else math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum * t.epochs)
+    steps = (
+        max_steps if max_steps > 0 else math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum * t.epochs)
+    )
     extra = {}
     if not torch.cuda.is_available():
         extra["use_cpu"] = True  # what transformers' error asks for with TRL's default bf16=True on a CPU
@@ -88,11 +90,22 @@ def main() -> None:
         report_to="none",
         **extra,
     )
-    peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                             target_modules=list(recipe.lora.target_modules), task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=list(recipe.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     train_start = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = DPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     eval_seconds = time.perf_counter()
     before = trainer.evaluate()
     eval_seconds = time.perf_counter() - eval_seconds
@@ -100,7 +113,9 @@ def main() -> None:
     eval_start = time.perf_counter()
     after = trainer.evaluate()
     eval_seconds += time.perf_counter() - eval_start
-    eval_seconds += sum(r.get("eval_runtime", 0.0) for r in trainer.state.log_history[:-1] if "eval_loss" in r and r["step"] > 0)
+    eval_seconds += sum(
+        r.get("eval_runtime", 0.0) for r in trainer.state.log_history[:-1] if "eval_loss" in r and r["step"] > 0
+    )
     train_seconds = time.perf_counter() - train_start - eval_seconds
     trainer.save_model(str(run_dir / "adapter"))
 
@@ -109,31 +124,56 @@ def main() -> None:
         for row in logs:
             handle.write(json.dumps(row) + "\n")
     storage.write_text_atomic(run_dir / "recipe.json", cfg.dumps(recipe))
-    pairs = min(trainer.state.global_step * t.batch_size * t.grad_accum, len(train_pairs) * math.ceil(t.epochs)) \
-        if max_steps <= 0 else trainer.state.global_step * t.batch_size * t.grad_accum
+    pairs = (
+        min(trainer.state.global_step * t.batch_size * t.grad_accum, len(train_pairs) * math.ceil(t.epochs))
+        if max_steps <= 0
+        else trainer.state.global_step * t.batch_size * t.grad_accum
+    )
     tokens = max((r.get("num_tokens", 0) for r in logs), default=0)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    pick = lambda m: {"reward_accuracy": m["eval_rewards/accuracies"], "reward_margin": m["eval_rewards/margins"],  # noqa: E731
-                      "loss": m["eval_loss"]}
+
+    def pick(m):
+        return {
+            "reward_accuracy": m["eval_rewards/accuracies"],
+            "reward_margin": m["eval_rewards/margins"],
+            "loss": m["eval_loss"],
+        }
+
     summary = {
-        "status": "completed", "recipe": "trl-baseline", "method": "lora", "load_in_4bit": False,
+        "status": "completed",
+        "recipe": "trl-baseline",
+        "method": "lora",
+        "load_in_4bit": False,
         "reference": "base with the adapter switched off (TRL default: run at every step)",
-        "backend": "trl-baseline", "device": runtime.device_name("cuda" if torch.cuda.is_available() else "cpu"),
+        "backend": "trl-baseline",
+        "device": runtime.device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "precision": "bf16 autocast" if training_args.bf16 else "float32",
-        "steps": trainer.state.global_step, "pairs_trained": pairs, "tokens_trained": tokens,
-        "wall_seconds": round(time.perf_counter() - wall, 2), "load_seconds": round(load_seconds, 2),
-        "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-        "pairs_per_second": round(pairs / train_seconds, 4), "tokens_per_second": round(tokens / train_seconds, 2),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+        "steps": trainer.state.global_step,
+        "pairs_trained": pairs,
+        "tokens_trained": tokens,
+        "wall_seconds": round(time.perf_counter() - wall, 2),
+        "load_seconds": round(load_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "pairs_per_second": round(pairs / train_seconds, 4),
+        "tokens_per_second": round(tokens / train_seconds, 2),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "trainable_parameters": int(trainable), "total_parameters": int(total),
+        "trainable_parameters": int(trainable),
+        "total_parameters": int(total),
         "final_train_loss": next((r["loss"] for r in reversed(logs) if "loss" in r), None),
-        "eval_pairs": len(eval_pairs), "eval_before": pick(before), "eval_after": pick(after),
-        "artifact": "adapter", "versions": runtime.versions(),
+        "eval_pairs": len(eval_pairs),
+        "eval_before": pick(before),
+        "eval_after": pick(after),
+        "artifact": "adapter",
+        "versions": runtime.versions(),
     }
     storage.write_json_atomic(run_dir / "summary.json", summary)
-    print(f"trl-baseline: {summary['steps']} steps, {summary['pairs_per_second']} pairs/s, "
-          f"held-out reward accuracy {summary['eval_after']['reward_accuracy']:.3f}")
+    print(
+        f"trl-baseline: {summary['steps']} steps, {summary['pairs_per_second']} pairs/s, "
+        f"held-out reward accuracy {summary['eval_after']['reward_accuracy']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 Exit status (pipeline/errors.py): 0 done; 1 a bug (with its traceback) or a failed child run; 2 the user's input
 or environment needs fixing (one line per problem on stderr); 3 training diverged; 130 / 143 stopped by SIGINT /
 SIGTERM (the run can be resumed).
+
+Each command imports its stage when it runs: `--help`, `recipe` and a rejected recipe stay free of torch, and
+on the unsloth path nothing imports transformers before Unsloth does (pipeline/model/unsloth.py).
 """
 
 from __future__ import annotations
@@ -20,18 +23,34 @@ from pipeline.experiments.sweep import DEFAULT_GRID
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twin-dpo", description="DPO for a twin language model: LoRA, QLoRA or full, on CPU or one GPU.")
+    parser = argparse.ArgumentParser(
+        prog="twin-dpo", description="DPO for a twin language model: LoRA, QLoRA or full, on CPU or one GPU."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe into a run folder")
     train.add_argument("recipe", help="recipe name (dpo_lora, dpo_qlora, dpo_full) or path to a recipe .py file")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe field, e.g. --set train.learning_rate=5e-6 (repeatable)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.learning_rate=5e-6 (repeatable)",
+    )
     train.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
-    train.add_argument("--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>")
+    train.add_argument(
+        "--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>"
+    )
     train.add_argument("--no-eval", action="store_true", help="skip answering the fixed questions after training")
-    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
-                       help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="RUN",
+        help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint",
+    )
     train.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
 
     sft = sub.add_parser("sft", help="make the twin: LoRA SFT on the author's answers (recipes/sft_twin.py)")
@@ -39,28 +58,55 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sft.add_argument("--max-steps", type=int, default=None, metavar="N")
     sft.add_argument("--run-dir", default=None, metavar="DIR")
-    sft.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
-                     help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint")
+    sft.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="RUN",
+        help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint",
+    )
     sft.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
 
-    evaluate = sub.add_parser("evaluate", help="answer the fixed questions with the untouched twin and a run; style metrics")
+    evaluate = sub.add_parser(
+        "evaluate", help="answer the fixed questions with the untouched twin and a run; style metrics"
+    )
     evaluate.add_argument("run", nargs="?", default=None, help="run folder (default: the newest finished run in runs/)")
 
     export = sub.add_parser("export", help="export a run: adapter, merged weights, GGUF, Ollama Modelfile, with proofs")
     export.add_argument("run", nargs="?", default=None, help="run folder (default: the newest finished run in runs/)")
-    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override export fields, e.g. --set export.formats=merged,gguf-f16")
+    export.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override export fields, e.g. --set export.formats=merged,gguf-f16",
+    )
 
     compare = sub.add_parser("compare", help="LoRA vs QLoRA vs full DPO vs plain TRL: curves and a cost table")
-    compare.add_argument("--steps", type=int, default=None, metavar="N", help="stop every run after N steps (a quick version)")
-    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a field in every compared recipe")
+    compare.add_argument(
+        "--steps", type=int, default=None, metavar="N", help="stop every run after N steps (a quick version)"
+    )
+    compare.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field in every compared recipe",
+    )
     compare.add_argument("--out", default="reports/compare", help="report folder (default reports/compare)")
 
     sweep = sub.add_parser("sweep", help="train a grid of variants and rank them by held-out accuracy and voice")
     sweep.add_argument("recipe")
-    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                       help=f"values to try (repeatable); default: {' '.join('--grid ' + g for g in DEFAULT_GRID)}")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help=f"values to try (repeatable); default: {' '.join('--grid ' + g for g in DEFAULT_GRID)}",
+    )
     sweep.add_argument("--steps", type=int, default=None, metavar="N")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--out", default="reports/sweep", help="report folder (default reports/sweep)")
@@ -72,15 +118,23 @@ def _parser() -> argparse.ArgumentParser:
     twin.add_argument("--formats", default=None, help="export.formats for the export step (default: the recipe's)")
 
     bench = sub.add_parser("bench", help="our LoRA DPO vs plain TRL, alternating runs: ratios, ablation, scaling")
-    bench.add_argument("--steps", type=int, default=100, metavar="N", help="steps per main run (default 100: one epoch)")
-    bench.add_argument("--ablation-steps", type=int, default=30, metavar="N", help="steps per ablation run (default 30)")
+    bench.add_argument(
+        "--steps", type=int, default=100, metavar="N", help="steps per main run (default 100: one epoch)"
+    )
+    bench.add_argument(
+        "--ablation-steps", type=int, default=30, metavar="N", help="steps per ablation run (default 30)"
+    )
     bench.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each (default 3)")
-    bench.add_argument("--scaling-steps", type=int, default=2, metavar="N", help="steps per scaling-table run (default 2)")
+    bench.add_argument(
+        "--scaling-steps", type=int, default=2, metavar="N", help="steps per scaling-table run (default 2)"
+    )
     bench.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", default="reports/bench")
 
-    smoke = sub.add_parser("gpu-smoke", help="dpo-lora and dpo-qlora with the unsloth and hf backends on a CUDA GPU: one table")
+    smoke = sub.add_parser(
+        "gpu-smoke", help="dpo-lora and dpo-qlora with the unsloth and hf backends on a CUDA GPU: one table"
+    )
     smoke.add_argument("--steps", type=int, default=30)
     smoke.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -103,7 +157,9 @@ def _cmd_train(args) -> int:
 
     recipe = recipes.resolve(args.recipe, args.overrides)
     if recipe.method == "sft":
-        raise UserError(f"{args.recipe} is an SFT recipe (method 'sft'); run it with `python -m pipeline sft {args.recipe}`")
+        raise UserError(
+            f"{args.recipe} is an SFT recipe (method 'sft'); run it with `python -m pipeline sft {args.recipe}`"
+        )
     from pipeline.training import dpo
 
     summary, run_dir = dpo.train(recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force)
@@ -139,8 +195,11 @@ def _cmd_export(args) -> int:
     from pipeline.export.orchestrate import export
 
     report, folder = export(args.run, args.overrides)
-    sizes = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in report["files"].items()
-                      if name.endswith((".gguf", ".safetensors")) or name == "Modelfile")
+    sizes = ", ".join(
+        f"{name} {size / 2**20:.1f} MB"
+        for name, size in report["files"].items()
+        if name.endswith((".gguf", ".safetensors")) or name == "Modelfile"
+    )
     print(f"export: {folder} in {report['seconds']:.0f} s ({sizes})", flush=True)
     return 0
 
@@ -173,8 +232,15 @@ def _cmd_bench(args) -> int:
         raise UserError("bench: --steps, --repeats, --scaling-steps and --ablation-steps must be >= 1")
     from pipeline.experiments.bench import bench
 
-    path = bench(args.steps, args.repeats, args.scaling_steps, Path(args.out), args.overrides, not args.no_scaling,
-                 ablation_steps=args.ablation_steps)
+    path = bench(
+        args.steps,
+        args.repeats,
+        args.scaling_steps,
+        Path(args.out),
+        args.overrides,
+        not args.no_scaling,
+        ablation_steps=args.ablation_steps,
+    )
     print(path.read_text(), flush=True)
     return 0
 
@@ -193,9 +259,18 @@ def _cmd_recipe(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "evaluate": _cmd_evaluate, "export": _cmd_export, "compare": _cmd_compare,
-            "sweep": _cmd_sweep, "twin": _cmd_twin, "bench": _cmd_bench, "gpu-smoke": _cmd_gpu_smoke,
-            "recipe": _cmd_recipe}
+COMMANDS = {
+    "train": _cmd_train,
+    "sft": _cmd_sft,
+    "evaluate": _cmd_evaluate,
+    "export": _cmd_export,
+    "compare": _cmd_compare,
+    "sweep": _cmd_sweep,
+    "twin": _cmd_twin,
+    "bench": _cmd_bench,
+    "gpu-smoke": _cmd_gpu_smoke,
+    "recipe": _cmd_recipe,
+}
 
 
 def _interrupted(stop: Interrupted, args) -> None:
@@ -205,8 +280,11 @@ def _interrupted(stop: Interrupted, args) -> None:
     from pipeline.training.guard import resume_command
 
     run = stop.checkpoint.parent.parent
-    print(f"twin-dpo: {stop}: saved {stop.checkpoint}; continue with:\n  "
-          f"{resume_command(args.command, args.recipe, args.overrides, args.max_steps, run)}", file=sys.stderr)
+    print(
+        f"twin-dpo: {stop}: saved {stop.checkpoint}; continue with:\n  "
+        f"{resume_command(args.command, args.recipe, args.overrides, args.max_steps, run)}",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,9 @@ def status(folder: Path) -> str | None:
     return read_json(path).get("status") if path.is_file() else None
 
 
-def find_runs(recipe_name: str | None = None, finished: bool | None = True, root: Path | None = None,
-              needs: str | None = None) -> list[Path]:
+def find_runs(
+    recipe_name: str | None = None, finished: bool | None = True, root: Path | None = None, needs: str | None = None
+) -> list[Path]:
     """Run folders under `root` (default runs/), oldest first by modification time.
 
     `recipe_name`: only that recipe's runs; `finished`: True = completed, False = not completed (what

@@ -89,3 +89,9 @@ def human_bytes(n: float) -> str:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """`org/name` as the Hugging Face Hub spells a model or dataset (not a local path)."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "." not in parts[0]

@@ -1,4 +1,4 @@
-"""LoRA DPO on the twin adapter: the SFT adapter (make sft) trains on as the policy; a frozen copy of it is the reference.
+"""LoRA DPO on the twin adapter: the SFT adapter (make sft) trains on as the policy; a frozen copy is the reference.
 
 One base in memory with two adapters on it (seeds/000). Everything else is the dpo_lora recipe.
 `model.adapter = "runs:sft-twin"` means the newest finished sft-twin run in runs/; give a path to pin one.

@@ -5,13 +5,29 @@ from __future__ import annotations
 import pytest
 
 from pipeline import recipe as config
-from pipeline.model import backend, hf, unsloth
 from pipeline.errors import UserError
+from pipeline.model import backend, hf, unsloth
 
 # FastLanguageModel's keyword arguments we use (Unsloth 2026.10.7: models/loader.py, models/llama.py)
-FROM_PRETRAINED = {"model_name", "max_seq_length", "dtype", "load_in_4bit", "full_finetuning", "trust_remote_code", "revision"}
-GET_PEFT_MODEL = {"r", "target_modules", "lora_alpha", "lora_dropout", "bias", "use_gradient_checkpointing",
-                  "random_state", "use_rslora"}
+FROM_PRETRAINED = {
+    "model_name",
+    "max_seq_length",
+    "dtype",
+    "load_in_4bit",
+    "full_finetuning",
+    "trust_remote_code",
+    "revision",
+}
+GET_PEFT_MODEL = {
+    "r",
+    "target_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "bias",
+    "use_gradient_checkpointing",
+    "random_state",
+    "use_rslora",
+}
 
 
 def test_every_model_and_lora_field_is_mapped_or_has_a_reason():
@@ -34,8 +50,13 @@ def test_unsloth_kwargs_and_hf_read_the_same_fields_the_same_way(name):
         return
     assert set(peft) <= GET_PEFT_MODEL and peft["use_gradient_checkpointing"] == "unsloth"
     lora = hf.peft_config(recipe)  # what the hf backend builds from the same recipe
-    assert (peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["bias"], peft["use_rslora"]) == \
-        (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias, lora.use_rslora)
+    assert (peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["bias"], peft["use_rslora"]) == (
+        lora.r,
+        lora.lora_alpha,
+        lora.lora_dropout,
+        lora.bias,
+        lora.use_rslora,
+    )
     assert sorted(peft["target_modules"]) == sorted(lora.target_modules)
     assert peft["random_state"] == recipe.train.seed
     for key, (arg, _) in unsloth.FIELDS.items():
@@ -61,17 +82,23 @@ def test_auto_chooses_and_explains(monkeypatch):
     monkeypatch.setattr(backend, "cuda_available", lambda: True)
     monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: object() if name == "unsloth" else None)
     monkeypatch.setattr(backend, "unsloth_conflicts", lambda: [])
-    assert backend.resolve_backend(recipe) == backend.Backend("unsloth", "auto: CUDA GPU found and unsloth is installed", "cuda")
-    monkeypatch.setattr(backend, "unsloth_conflicts", lambda: ["unsloth 2026.10.7 needs transformers<=5.17.0, installed 5.23.0"])
+    assert backend.resolve_backend(recipe) == backend.Backend(
+        "unsloth", "auto: CUDA GPU found and unsloth is installed", "cuda"
+    )
+    monkeypatch.setattr(
+        backend, "unsloth_conflicts", lambda: ["unsloth 2026.10.7 needs transformers<=5.17.0, installed 5.23.0"]
+    )
     chosen = backend.resolve_backend(recipe)
     assert chosen.name == "hf" and "needs transformers<=5.17.0" in chosen.reason
     forced = config.apply_overrides(recipe, ["model.backend=unsloth"])
-    with pytest.raises(UserError, match=r"model.backend=unsloth: unsloth 2026.10.7 needs transformers<=5.17.0, installed 5.23.0"):
+    with pytest.raises(
+        UserError, match=r"model.backend=unsloth: unsloth 2026.10.7 needs transformers<=5.17.0, installed 5.23.0"
+    ):
         backend.resolve_backend(forced)
 
 
 def test_unsloth_not_installed_is_one_line(monkeypatch):
     monkeypatch.setattr(backend, "cuda_available", lambda: True)
-    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda _name: None)
     with pytest.raises(UserError, match="unsloth is not installed; run `make setup GPU=1`"):
         backend.resolve_backend(config.apply_overrides(config.load_recipe("dpo_lora"), ["model.backend=unsloth"]))

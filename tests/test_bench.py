@@ -8,14 +8,29 @@ from pipeline.experiments import bench
 
 
 def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, tmp_path):
-    sets = [f"model.name_or_path={tiny_llama}", f"data.train={small_data['train']}",
-            f"data.eval={small_data['heldout']}", "model.dtype=float32"]
+    sets = [
+        f"model.name_or_path={tiny_llama}",
+        f"data.train={small_data['train']}",
+        f"data.eval={small_data['heldout']}",
+        "model.dtype=float32",
+    ]
     levers = (bench.ABLATIONS[2],)  # the reference run at every step
-    md_path = bench.bench(steps=2, repeats=1, scaling_steps=1, out=tmp_path / "bench", overrides=sets,
-                          lengths=(128,), batches=(1,), ablations=levers, ablation_steps=1)
+    md_path = bench.bench(
+        steps=2,
+        repeats=1,
+        scaling_steps=1,
+        out=tmp_path / "bench",
+        overrides=sets,
+        lengths=(128,),
+        batches=(1,),
+        ablations=levers,
+        ablation_steps=1,
+    )
     md = md_path.read_text()
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert md.startswith(f"# Bench: twin-dpo LoRA DPO vs plain TRL — **{report['ratio_pairs_per_second']:.2f}x pairs/s**")
+    assert md.startswith(
+        f"# Bench: twin-dpo LoRA DPO vs plain TRL — **{report['ratio_pairs_per_second']:.2f}x pairs/s**"
+    )
     for side in ("baseline", "ours"):
         pairs = report[side]["pairs_per_second"]["values"]
         assert len(pairs) == 1 and all(p > 0 for p in pairs)

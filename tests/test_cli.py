@@ -38,16 +38,20 @@ def _write(tmp_path, name, lines):
 GOOD = json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "It depends."})
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("beta", "train.beta: must be > 0, got -1.0"),
-    ("typo_key", "--set train.learnig_rate: unknown recipe key; did you mean train.learning_rate?"),
-    ("missing_data", "data.train: dataset file /no/such/file.jsonl does not exist"),
-    ("missing_model", "model.name_or_path: model folder /no/such/model does not exist"),
-    ("no_chosen", "bad.jsonl:line 2: field 'chosen' is missing"),
-    ("empty_rejected", "bad.jsonl:line 1: field 'rejected' is empty"),
-    ("not_json", "bad.jsonl:line 2: not valid JSON"),
-])
-def test_bad_input_exits_2_with_one_line(case, expected, capsys, tmp_path, tiny_llama, no_weights):
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("beta", "train.beta: must be > 0, got -1.0"),
+        ("typo_key", "--set train.learnig_rate: unknown recipe key; did you mean train.learning_rate?"),
+        ("missing_data", "data.train: dataset file /no/such/file.jsonl does not exist"),
+        ("missing_model", "model.name_or_path: model folder /no/such/model does not exist"),
+        ("no_chosen", "bad.jsonl:line 2: field 'chosen' is missing"),
+        ("empty_rejected", "bad.jsonl:line 1: field 'rejected' is empty"),
+        ("not_json", "bad.jsonl:line 2: not valid JSON"),
+    ],
+)
+@pytest.mark.usefixtures("no_weights")
+def test_bad_input_exits_2_with_one_line(case, expected, capsys, tmp_path, tiny_llama):
     bad_file = {
         "no_chosen": [GOOD, json.dumps({"prompt": "Q", "rejected": "x"})],
         "empty_rejected": [json.dumps({"prompt": "Q", "chosen": "a", "rejected": ""})],
@@ -69,24 +73,43 @@ def test_bad_input_exits_2_with_one_line(case, expected, capsys, tmp_path, tiny_
     assert not list(tmp_path.glob("runs/*")), "a rejected run leaves no run folder"
 
 
-def test_prompt_longer_than_max_length_says_how_many_and_how_to_fix(capsys, tmp_path, tiny_llama, no_weights):
+@pytest.mark.usefixtures("no_weights")
+def test_prompt_longer_than_max_length_says_how_many_and_how_to_fix(capsys, tmp_path, tiny_llama):
     long_prompt = " ".join(["word"] * 400)
-    path = _write(tmp_path, "long.jsonl", [GOOD, json.dumps({"prompt": long_prompt, "chosen": "a", "rejected": "b"}),
-                                            json.dumps({"prompt": long_prompt + " more", "chosen": "a", "rejected": "b"})])
-    code, err = _run(capsys, "train", "dpo_lora", "--set", f"model.name_or_path={tiny_llama}",
-                     "--set", f"data.train={path}", "--set", "data.max_length=128")
+    path = _write(
+        tmp_path,
+        "long.jsonl",
+        [
+            GOOD,
+            json.dumps({"prompt": long_prompt, "chosen": "a", "rejected": "b"}),
+            json.dumps({"prompt": long_prompt + " more", "chosen": "a", "rejected": "b"}),
+        ],
+    )
+    code, err = _run(
+        capsys,
+        "train",
+        "dpo_lora",
+        "--set",
+        f"model.name_or_path={tiny_llama}",
+        "--set",
+        f"data.train={path}",
+        "--set",
+        "data.max_length=128",
+    )
     assert code == 2 and len(err) == 1
     assert "data.train: 2 rows have prompts of 128 tokens or more after the chat template" in err[0]
     assert "long.jsonl:line 3" in err[0] and "raise data.max_length (now 128)" in err[0]
 
 
-def test_unsloth_backend_without_gpu_is_one_line(capsys, no_weights):
+@pytest.mark.usefixtures("no_weights")
+def test_unsloth_backend_without_gpu_is_one_line(capsys):
     code, err = _run(capsys, "train", "dpo_lora", "--set", "model.backend=unsloth", "--max-steps", "1")
     assert code == 2 and len(err) == 1
     assert "model.backend=unsloth needs a CUDA GPU" in err[0]
 
 
-def test_pickle_only_model_folder_is_refused(capsys, tmp_path, tiny_llama, no_weights):
+@pytest.mark.usefixtures("no_weights")
+def test_pickle_only_model_folder_is_refused(capsys, tmp_path, tiny_llama):
     import shutil
 
     folder = tmp_path / "pickled"
@@ -100,24 +123,59 @@ def test_pickle_only_model_folder_is_refused(capsys, tmp_path, tiny_llama, no_we
 
 def test_max_steps_and_run_dir_write_summary(tmp_path, tiny_llama, small_data, capsys):
     run_dir = tmp_path / "D"
-    code = cli.main(["train", "dpo_lora", "--max-steps", "2", "--run-dir", str(run_dir),
-                     "--set", f"model.name_or_path={tiny_llama}", "--set", f"data.train={small_data['train']}",
-                     "--set", f"data.eval={small_data['heldout']}", "--set", "model.dtype=float32"])
+    code = cli.main(
+        [
+            "train",
+            "dpo_lora",
+            "--max-steps",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"model.name_or_path={tiny_llama}",
+            "--set",
+            f"data.train={small_data['train']}",
+            "--set",
+            f"data.eval={small_data['heldout']}",
+            "--set",
+            "model.dtype=float32",
+        ]
+    )
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["status"] == "completed"
     out = capsys.readouterr().out
     assert "held-out (hf): reward accuracy" in out and str(run_dir) in out
     # a finished run folder is not overwritten
-    code = cli.main(["train", "dpo_lora", "--max-steps", "2", "--run-dir", str(run_dir), "--set", f"model.name_or_path={tiny_llama}"])
+    code = cli.main(
+        [
+            "train",
+            "dpo_lora",
+            "--max-steps",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"model.name_or_path={tiny_llama}",
+        ]
+    )
     assert code == 2 and "already holds a finished run" in capsys.readouterr().err
 
 
 def test_console_script_and_module_entry_point_agree():
-    out = subprocess.run([sys.executable, "-m", "pipeline", "recipe", "dpo_qlora", "--set", "train.beta=0.1"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "recipe", "dpo_qlora", "--set", "train.beta=0.1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     recipe = json.loads(out.stdout)
     assert recipe["model"]["load_in_4bit"] is True and recipe["train"]["beta"] == 0.1
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "train", "dpo_lora", "--set", "train.beta=-1"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["twin-dpo: error: train.beta: must be > 0, got -1.0"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "dpo_lora", "--set", "train.beta=-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "twin-dpo: error: train.beta: must be > 0, got -1.0"
+    ]

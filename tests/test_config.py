@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from pipeline import recipe as config
-from pipeline.recipe import Recipe
 from pipeline.errors import UserError
+from pipeline.recipe import Recipe
 
 
 @pytest.mark.parametrize("name", config.available_recipes())
@@ -33,10 +33,17 @@ def test_dash_name_and_path_load_the_same_recipe():
 
 
 def test_overrides_parse_by_field_type():
-    recipe = config.apply_overrides(config.load_recipe("dpo_lora"), [
-        "train.learning_rate=5e-6", "train.batch_size=4", "model.load_in_4bit=true",
-        "lora.target_modules=q_proj,v_proj", "data.eval=none", "method=full",
-    ])
+    recipe = config.apply_overrides(
+        config.load_recipe("dpo_lora"),
+        [
+            "train.learning_rate=5e-6",
+            "train.batch_size=4",
+            "model.load_in_4bit=true",
+            "lora.target_modules=q_proj,v_proj",
+            "data.eval=none",
+            "method=full",
+        ],
+    )
     assert recipe.train.learning_rate == 5e-6 and recipe.train.batch_size == 4
     assert recipe.model.load_in_4bit is True and recipe.lora.target_modules == ("q_proj", "v_proj")
     assert recipe.data.eval is None and recipe.method == "full"
@@ -80,9 +87,7 @@ def test_full_training_of_a_4bit_base_is_refused():
 def test_misspelled_field_in_a_recipe_file_names_file_line_and_fix(tmp_path):
     path = tmp_path / "mine.py"
     path.write_text(
-        "from pipeline.recipe import Recipe, TrainConfig\n"
-        "\n"
-        "recipe = Recipe(train=TrainConfig(learnig_rate=1e-6))\n"
+        "from pipeline.recipe import Recipe, TrainConfig\n\nrecipe = Recipe(train=TrainConfig(learnig_rate=1e-6))\n"
     )
     with pytest.raises(UserError) as err:
         config.load_recipe(str(path))
@@ -104,6 +109,9 @@ def test_config_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.recipe, pipeline.cli; config = pipeline.recipe; config.validate(config.load_recipe('dpo_lora')); print('torch' in sys.modules)"
+    code = (
+        "import sys, pipeline.recipe, pipeline.cli; config = pipeline.recipe; "
+        "config.validate(config.load_recipe('dpo_lora')); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline import data
 from pipeline.data.assets import build_preferences
-from pipeline.evaluation import style
 from pipeline.errors import UserError
+from pipeline.evaluation import style
 
 
 def test_embedded_files_match_their_generator():
@@ -36,12 +36,17 @@ def test_embedded_split_sizes_topics_and_voices():
     assert chosen["first_person_per_100_words"] > 2 * rejected["first_person_per_100_words"]
 
 
-def test_formats_normalise_to_the_same_pair(tmp_path):
+def test_formats_normalise_to_the_same_pair():
     standard = {"prompt": "Q?", "chosen": "Yes.", "rejected": "Well, it depends."}
-    explicit = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
-                "rejected": [{"role": "assistant", "content": "Well, it depends."}]}
-    implicit = {"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Yes."}],
-                "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Well, it depends."}]}
+    explicit = {
+        "prompt": [{"role": "user", "content": "Q?"}],
+        "chosen": [{"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "assistant", "content": "Well, it depends."}],
+    }
+    implicit = {
+        "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Well, it depends."}],
+    }
     messages = {"messages": [{"role": "user", "content": "Q?"}], "chosen": "Yes.", "rejected": "Well, it depends."}
     pairs = data.parse_pairs([("x", r) for r in (standard, explicit, implicit, messages)], "x", "data.train")
     assert len({(p.prompt, p.chosen, p.rejected) for p in pairs}) == 1
@@ -63,18 +68,25 @@ def test_csv_errors_name_the_file_line(tmp_path):
     (tmp_path / "d.csv").write_text("prompt,chosen,rejected\nQ?,Yes.,No.\nQ2?,,No.\n")
     with pytest.raises(UserError) as err:
         data.load_pairs(str(tmp_path / "d.csv"), "train", "data.train")
-    assert err.value.problems == [f"{tmp_path}/d.csv:line 3: field 'chosen' is missing; every row needs prompt, chosen and rejected"]
+    assert err.value.problems == [
+        f"{tmp_path}/d.csv:line 3: field 'chosen' is missing; every row needs prompt, chosen and rejected"
+    ]
 
 
 def test_every_broken_row_is_listed_with_its_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"prompt": "ok", "chosen": "a", "rejected": "b"}),
-        json.dumps({"prompt": "no chosen", "rejected": "b"}),
-        json.dumps({"prompt": "empty", "chosen": "a", "rejected": "  "}),
-        json.dumps({"prompt": "wrong type", "chosen": 3, "rejected": "b"}),
-        json.dumps({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "ok", "chosen": "a", "rejected": "b"}),
+                json.dumps({"prompt": "no chosen", "rejected": "b"}),
+                json.dumps({"prompt": "empty", "chosen": "a", "rejected": "  "}),
+                json.dumps({"prompt": "wrong type", "chosen": 3, "rejected": "b"}),
+                json.dumps({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}),
+            ]
+        )
+        + "\n"
+    )
     with pytest.raises(UserError) as err:
         data.load_pairs(str(path), "train", "data.train")
     assert err.value.problems == [
@@ -92,7 +104,7 @@ def test_grouped_order_is_a_permutation_of_similar_length_batches():
     lengths = [rng.randint(10, 300) for _ in range(201)]
     order = data.grouped_order(lengths, batch=2, seed=0)
     assert sorted(order) == list(range(201))
-    batches = [order[i:i + 2] for i in range(0, 200, 2)]
+    batches = [order[i : i + 2] for i in range(0, 200, 2)]
     spread = sum(abs(lengths[a] - lengths[b]) for a, b in batches) / len(batches)
     shuffled = list(range(201))
     random.Random(0).shuffle(shuffled)

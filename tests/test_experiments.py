@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 
 from conftest import tiny_recipe
+
 from pipeline import cli
 from pipeline.evaluation import evaluate
 from pipeline.training import dpo as train
 
 
 def _sets(model_dir, data):
-    return ["--set", f"model.name_or_path={model_dir}", "--set", f"data.train={data['train']}",
-            "--set", f"data.eval={data['heldout']}"]
+    return [
+        "--set",
+        f"model.name_or_path={model_dir}",
+        "--set",
+        f"data.train={data['train']}",
+        "--set",
+        f"data.eval={data['heldout']}",
+    ]
 
 
 def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path):
@@ -23,8 +30,13 @@ def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path):
     assert set(saved["held_out"]["before"]) == {"reward_accuracy", "reward_margin", "loss"}
     assert saved["held_out"]["pairs"] == 8
     for side in ("before", "after", "author_reference", "generic_reference"):
-        assert set(saved["style"][side]) == {"words_per_answer", "words_per_sentence", "stock_phrase_share",
-                                             "first_person_per_100_words", "repetition_rate"}
+        assert set(saved["style"][side]) == {
+            "words_per_answer",
+            "words_per_sentence",
+            "stock_phrase_share",
+            "first_person_per_100_words",
+            "repetition_rate",
+        }
     assert len(saved["generations"]) >= 8
     assert saved["generations"][0]["question"] == "Write a paragraph to introduce supervised fine-tuning."
     assert all(g["after"] and g["before"] for g in saved["generations"])
@@ -40,7 +52,7 @@ def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path):
     assert list((tmp_path / "cache" / "generations").glob("*.json")) == cached
 
 
-def test_compare_quick_version_writes_curves_and_four_rows(tiny_llama, small_data, tmp_path, capsys):
+def test_compare_quick_version_writes_curves_and_four_rows(tiny_llama, small_data, tmp_path):
     out = tmp_path / "compare"
     code = cli.main(["compare", "--steps", "2", "--out", str(out), *_sets(tiny_llama, small_data)])
     assert code == 0
@@ -60,8 +72,19 @@ def test_compare_quick_version_writes_curves_and_four_rows(tiny_llama, small_dat
 
 def test_sweep_reuses_the_reference_after_the_first_run(tiny_llama, small_data, tmp_path):
     out = tmp_path / "sweep"
-    code = cli.main(["sweep", "dpo_lora", "--grid", "train.beta=0.1,0.5", "--steps", "2", "--out", str(out),
-                     *_sets(tiny_llama, small_data)])
+    code = cli.main(
+        [
+            "sweep",
+            "dpo_lora",
+            "--grid",
+            "train.beta=0.1,0.5",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            *_sets(tiny_llama, small_data),
+        ]
+    )
     assert code == 0
     first = json.loads((out / "runs" / "beta0.1" / "summary.json").read_text())
     second = json.loads((out / "runs" / "beta0.5" / "summary.json").read_text())

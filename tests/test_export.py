@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import needs_llama_cpp, tiny_recipe
+
 from pipeline import cli
 from pipeline.export import gguf_convert
-from pipeline.export import orchestrate as export
 from pipeline.training import dpo as train
+
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def trained_run(request, tmp_path_factory, small_data):
@@ -43,7 +43,9 @@ def test_export_writes_and_proves_every_format(trained_run, capsys):
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     adapter_model = PeftModel.from_pretrained(base, out / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
-    assert merged.dtype == torch.float32 and json.loads((out / "merged" / "config.json").read_text())["dtype"] == "float16"
+    assert (
+        merged.dtype == torch.float32 and json.loads((out / "merged" / "config.json").read_text())["dtype"] == "float16"
+    )
     ids = torch.arange(5, 30).unsqueeze(0)
     with torch.no_grad():
         assert (adapter_model(ids).logits.argmax(-1) == merged(ids).logits.argmax(-1)).float().mean() > 0.95
@@ -65,15 +67,14 @@ def test_export_writes_and_proves_every_format(trained_run, capsys):
     assert bytes(field("tokenizer.chat_template").parts[-1]).decode() == tokenizer.chat_template
 
     modelfile = (out / "Modelfile").read_text()
-    assert modelfile.startswith("FROM ./gguf/model-q8_0.gguf\nTEMPLATE \"\"\"")
+    assert modelfile.startswith('FROM ./gguf/model-q8_0.gguf\nTEMPLATE """')
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
 @needs_llama_cpp
+@pytest.mark.parametrize("trained_run", ["llama"], indirect=True)  # Qwen2 (NEOX rope) has no q/k permutation
 def test_a_converter_without_the_qk_permutation_fails_the_f16_proof(trained_run, monkeypatch, capsys):
-    family, _, run_dir = trained_run
-    if family != "llama":
-        pytest.skip("Qwen2 GGUF uses NEOX rope: its q/k rows are not permuted, so there is nothing to switch off")
+    _, _, run_dir = trained_run
     monkeypatch.setattr(gguf_convert, "permute_rotary", lambda weight, _n_head: weight)
     before = sorted(p.name for p in run_dir.iterdir())
     code = cli.main(["export", str(run_dir), "--set", "export.formats=merged,gguf-f16"])

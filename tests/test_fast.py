@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
+
 from pipeline.training import dpo as train
 from pipeline.training import fast_head as fast
 from pipeline.training import reference
@@ -25,9 +25,14 @@ def _trainer(tiny_llama, small_data, tmp_path, **overrides):
     prep = train.prepare(recipe)
     loaded = hf.load(recipe, prep.backend, tokenizer=prep.tokenizer)
     args = arguments.dpo_args(recipe, tmp_path, "cpu", 4)
-    return DPOTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(prep.train_rows),
-                      eval_dataset=Dataset.from_list(prep.eval_rows), processing_class=loaded.tokenizer,
-                      peft_config=loaded.peft_config)
+    return DPOTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=Dataset.from_list(prep.train_rows),
+        eval_dataset=Dataset.from_list(prep.eval_rows),
+        processing_class=loaded.tokenizer,
+        peft_config=loaded.peft_config,
+    )
 
 
 def _batch(trainer, n=4):
@@ -114,9 +119,11 @@ def test_grouped_batches_give_the_same_per_pair_log_probs_as_padded_ones(tiny_ll
     def logps(order, batch=4):
         out = {}
         for start in range(0, len(order), batch):
-            idx = order[start:start + batch]
-            c, r = trainer.compute_ref_log_probs(trainer.model, trainer._prepare_inputs(trainer.data_collator([rows[i] for i in idx])))
-            out.update({i: (float(a), float(b)) for i, a, b in zip(idx, c, r)})
+            idx = order[start : start + batch]
+            c, r = trainer.compute_ref_log_probs(
+                trainer.model, trainer._prepare_inputs(trainer.data_collator([rows[i] for i in idx]))
+            )
+            out.update({i: (float(a), float(b)) for i, a, b in zip(idx, c, r, strict=True)})
         return out
 
     grouped, padded, alone = logps(by_length), logps(mixed), logps(list(range(len(rows))), batch=1)

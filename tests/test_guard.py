@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
 from pipeline import cli
 from pipeline.errors import EXIT_DIVERGED, Diverged, UserError
 from pipeline.training import dpo as train
@@ -29,10 +29,33 @@ SLOW_STEPS = Path(__file__).parent / "slow_steps.py"
 
 
 def _argv(model, data, extra=(), command="train", recipe="dpo_lora"):
-    return [sys.executable, "-m", "pipeline", command, recipe, "--max-steps", str(STEPS), *(["--no-eval"] if command == "train" else []),
-            "--set", f"model.name_or_path={model}", "--set", f"data.train={data['train']}",
-            "--set", f"data.eval={data['heldout']}", "--set", "model.dtype=float32", "--set", "train.save_every=2",
-            "--set", "train.eval_every=0", "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        command,
+        recipe,
+        "--max-steps",
+        str(STEPS),
+        *(["--no-eval"] if command == "train" else []),
+        "--set",
+        f"model.name_or_path={model}",
+        "--set",
+        f"data.train={data['train']}",
+        "--set",
+        f"data.eval={data['heldout']}",
+        "--set",
+        "model.dtype=float32",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.learning_rate=1e-3",
+        "--set",
+        "train.warmup_steps=0",
+        *extra,
+    ]
 
 
 def _start(argv, delay="0.15"):
@@ -57,19 +80,27 @@ def _adapter(run_dir):
 
 
 def _train_rows(run_dir):
-    return {r["step"]: r for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    return {
+        r["step"]: r
+        for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    }
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama, small_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("straight") / "run"
     env = {**os.environ, "TWIN_DPO_CACHE": str(folder.parent / "cache")}
-    done = subprocess.run(_argv(tiny_llama, small_data, ["--run-dir", str(folder)]), env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        _argv(tiny_llama, small_data, ["--run-dir", str(folder)]), env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
 
-def test_kill_9_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny_llama, small_data, tmp_path, uninterrupted):
+def test_kill_9_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(
+    tiny_llama, small_data, tmp_path, uninterrupted
+):
     run_dir = tmp_path / "run"
     proc = _start(_argv(tiny_llama, small_data, ["--run-dir", str(run_dir)]))
     assert _wait_for(run_dir / "checkpoints" / "checkpoint-4" / guard.MARKER, proc)
@@ -100,7 +131,9 @@ def test_three_kills_at_random_moments_then_the_same_adapter(tiny_llama, small_d
         _wait_for(run_dir / "metrics.jsonl", proc)  # training (or its evaluation) has begun
         if kill == 2:  # the last kill comes once a complete checkpoint exists, so the final run must resume from one
             end = time.time() + 120
-            while guard.latest_checkpoint(run_dir / "checkpoints") is None and proc.poll() is None and time.time() < end:
+            while (
+                guard.latest_checkpoint(run_dir / "checkpoints") is None and proc.poll() is None and time.time() < end
+            ):
                 time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.5 if kill < 2 else 0.3))
         proc.send_signal(signal.SIGKILL)
@@ -137,13 +170,30 @@ def test_resume_with_a_changed_recipe_names_the_fields(tiny_llama, small_data, t
     recipe = tiny_recipe(tiny_llama, small_data, save_every=2)
     train.train(recipe, run_dir, max_steps=2)
     (run_dir / "summary.json").unlink()  # pretend it stopped after its checkpoint
-    argv = ["train", "dpo_lora", "--max-steps", "4", "--resume", str(run_dir), "--set", f"model.name_or_path={tiny_llama}",
-            "--set", f"data.train={small_data['train']}", "--set", f"data.eval={small_data['heldout']}",
-            "--set", "model.dtype=float32", "--set", "train.learning_rate=5e-4"]
+    argv = [
+        "train",
+        "dpo_lora",
+        "--max-steps",
+        "4",
+        "--resume",
+        str(run_dir),
+        "--set",
+        f"model.name_or_path={tiny_llama}",
+        "--set",
+        f"data.train={small_data['train']}",
+        "--set",
+        f"data.eval={small_data['heldout']}",
+        "--set",
+        "model.dtype=float32",
+        "--set",
+        "train.learning_rate=5e-4",
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "the recipe changed since the run started" in err
-    assert "train.learning_rate (0.001 in the run, 0.0005 now)" in err and "train.max_steps (2 in the run, 4 now)" in err
+    assert (
+        "train.learning_rate (0.001 in the run, 0.0005 now)" in err and "train.max_steps (2 in the run, 4 now)" in err
+    )
     assert cli.main(argv + ["--force", "--no-eval"]) == 0
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
 
@@ -157,9 +207,16 @@ class Poison:
         class _Poison(TrainerCallback):
             def on_step_begin(self, args, state, control, model=None, **kwargs):
                 if state.global_step + 1 == step:
-                    layer = model.get_base_model().model.layers[0] if hasattr(model, "get_base_model") else model.model.layers[0]
-                    layer.register_forward_hook(lambda mod, inp, out: (out[0] * float("nan"),) + tuple(out[1:])
-                                                if isinstance(out, tuple) else out * float("nan"))
+                    layer = (
+                        model.get_base_model().model.layers[0]
+                        if hasattr(model, "get_base_model")
+                        else model.model.layers[0]
+                    )
+                    layer.register_forward_hook(
+                        lambda _mod, _inp, out: (
+                            (out[0] * float("nan"),) + tuple(out[1:]) if isinstance(out, tuple) else out * float("nan")
+                        )
+                    )
 
         return _Poison()
 
@@ -180,7 +237,9 @@ def test_a_nan_step_stops_the_run_keeps_the_last_good_checkpoint(tiny_llama, sma
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run_dir / "checkpoints" / "checkpoint-4")
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), run_dir / "checkpoints" / "checkpoint-4"
+    )
 
 
 def test_diverged_exit_status_is_3(monkeypatch, capsys):
@@ -216,13 +275,33 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_llama, small_
 
 def test_a_second_process_on_the_same_run_folder_is_refused(tiny_llama, small_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.training import guard; "
-                               f"lock = guard.RunLock(__import__('pathlib').Path({str(run_dir)!r})).__enter__(); "
-                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.training import guard; "
+            f"lock = guard.RunLock(__import__('pathlib').Path({str(run_dir)!r})).__enter__(); "
+            "print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code = cli.main(["train", "dpo_lora", "--max-steps", "1", "--run-dir", str(run_dir),
-                         "--set", f"model.name_or_path={tiny_llama}", "--set", f"data.train={small_data['train']}"])
+        code = cli.main(
+            [
+                "train",
+                "dpo_lora",
+                "--max-steps",
+                "1",
+                "--run-dir",
+                str(run_dir),
+                "--set",
+                f"model.name_or_path={tiny_llama}",
+                "--set",
+                f"data.train={small_data['train']}",
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1
         assert f"run folder {run_dir} is in use by pid {holder.pid}" in err[0]
@@ -237,8 +316,13 @@ def test_a_model_that_needs_remote_code_is_refused(tiny_llama, tmp_path, capsys)
     folder = tmp_path / "remote"
     shutil.copytree(tiny_llama, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="twin-custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                                                       "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    config.update(
+        model_type="twin-custom",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomModel",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
     (folder / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
@@ -254,7 +338,9 @@ def _sft_argv(model, data, extra=()):
 
 def test_sft_kill_9_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny_llama, small_data, tmp_path):
     straight = tmp_path / "straight"
-    done = subprocess.run(_sft_argv(tiny_llama, small_data, ["--run-dir", str(straight)]), capture_output=True, text=True)
+    done = subprocess.run(
+        _sft_argv(tiny_llama, small_data, ["--run-dir", str(straight)]), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "run"
     proc = _start(_sft_argv(tiny_llama, small_data, ["--run-dir", str(run_dir)]))
@@ -275,9 +361,18 @@ def test_sft_stops_on_a_nan_step_and_refuses_a_second_process(tiny_llama, small_
     from pipeline import recipe as recipes
     from pipeline.training import sft
 
-    recipe = recipes.apply_overrides(recipes.load_recipe("sft_twin"), [
-        f"model.name_or_path={tiny_llama}", f"data.train={small_data['train']}", f"data.eval={small_data['heldout']}",
-        "model.dtype=float32", "train.save_every=2", "train.eval_every=0", "train.learning_rate=1e-3"])
+    recipe = recipes.apply_overrides(
+        recipes.load_recipe("sft_twin"),
+        [
+            f"model.name_or_path={tiny_llama}",
+            f"data.train={small_data['train']}",
+            f"data.eval={small_data['heldout']}",
+            "model.dtype=float32",
+            "train.save_every=2",
+            "train.eval_every=0",
+            "train.learning_rate=1e-3",
+        ],
+    )
     run_dir = tmp_path / "run"
     with pytest.raises(Diverged, match="training diverged at step 3: loss nan"):
         sft.sft(recipe, run_dir, max_steps=6, extra_callbacks=[Poison(step=3)])
@@ -285,6 +380,18 @@ def test_sft_stops_on_a_nan_step_and_refuses_a_second_process(tiny_llama, small_
     assert not (run_dir / "adapter").exists()
     assert [p.name for p in guard.complete_checkpoints(run_dir / "checkpoints")] == ["checkpoint-2"]
     with guard.RunLock(tmp_path / "locked"):
-        code = cli.main(["sft", "sft_twin", "--max-steps", "1", "--run-dir", str(tmp_path / "locked"),
-                         "--set", f"model.name_or_path={tiny_llama}", "--set", f"data.train={small_data['train']}"])
+        code = cli.main(
+            [
+                "sft",
+                "sft_twin",
+                "--max-steps",
+                "1",
+                "--run-dir",
+                str(tmp_path / "locked"),
+                "--set",
+                f"model.name_or_path={tiny_llama}",
+                "--set",
+                f"data.train={small_data['train']}",
+            ]
+        )
     assert code == 2 and "is in use by" in capsys.readouterr().err

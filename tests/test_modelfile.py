@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import CHATML, build_tokenizer
-from pipeline.export import modelfile
+
 from pipeline.errors import UserError
+from pipeline.export import modelfile
 
 SMOLLM = (  # SmolLM2-Instruct's template: inserts a default system turn
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -17,13 +17,12 @@ SMOLLM = (  # SmolLM2-Instruct's template: inserts a default system turn
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 LLAMA3 = (  # header-style template with a BOS string and braces in the literal text
-    "{{ '<|begin_of_text|>{{x}}' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    "{{ '<|begin_of_text|>{{x}}' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\n\n'"
     " + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-CONVERSATIONS = modelfile.CONVERSATIONS + (
-    [{"role": "user", "content": "A {{ brace }} and \"quotes\"\nand a newline"}],
-)
+CONVERSATIONS = modelfile.CONVERSATIONS + ([{"role": "user", "content": 'A {{ brace }} and "quotes"\nand a newline'}],)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,9 @@ def test_template_matches_chat_template(tokenizer, template):
     tokenizer.chat_template = CHATML
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go); CI installs it")
+@pytest.mark.skipif(
+    shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go); CI installs it"
+)
 @pytest.mark.parametrize("template", [CHATML, SMOLLM, LLAMA3], ids=["chatml", "smollm", "llama3"])
 def test_python_interpreter_agrees_with_go(tokenizer, template):
     tokenizer.chat_template = template
@@ -53,14 +54,18 @@ def test_python_interpreter_agrees_with_go(tokenizer, template):
 def test_a_wrong_template_fails_the_proof(tokenizer):
     tokenizer.chat_template = SMOLLM
     parts = modelfile.derive(tokenizer)
-    wrong = modelfile.go_template(modelfile.Parts("", parts.prefix, parts.suffix, parts.generation))  # lost default system
+    wrong = modelfile.go_template(
+        modelfile.Parts("", parts.prefix, parts.suffix, parts.generation)
+    )  # lost default system
     proof = modelfile.prove(tokenizer, wrong)
     assert not proof["identical"] and "You are a helpful AI assistant" in proof["first_mismatch"]["expected"]
     tokenizer.chat_template = CHATML
 
 
 def test_template_that_cannot_be_probed_is_a_clear_error(tokenizer):
-    tokenizer.chat_template = "{% for m in messages %}{{ raise_exception('no system') if m['role'] == 'system' }}{% endfor %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ raise_exception('no system') if m['role'] == 'system' }}{% endfor %}"
+    )
     with pytest.raises(UserError, match="Modelfile: cannot probe the chat template"):
         modelfile.derive(tokenizer)
     tokenizer.chat_template = CHATML
@@ -69,5 +74,10 @@ def test_template_that_cannot_be_probed_is_a_clear_error(tokenizer):
 def test_stop_tokens_and_parameters(tokenizer):
     parts = modelfile.derive(tokenizer)
     assert modelfile.stop_tokens(tokenizer, parts) == ["<|im_end|>", "<|im_start|>"]
-    text = modelfile.modelfile_text("gguf/model-q4_k_m.gguf", "T", ["<|im_end|>"], {"temperature": 0.7, "num_ctx": 2048})
-    assert text == 'FROM ./gguf/model-q4_k_m.gguf\nTEMPLATE """T"""\nPARAMETER stop "<|im_end|>"\nPARAMETER temperature 0.7\nPARAMETER num_ctx 2048\n'
+    text = modelfile.modelfile_text(
+        "gguf/model-q4_k_m.gguf", "T", ["<|im_end|>"], {"temperature": 0.7, "num_ctx": 2048}
+    )
+    assert (
+        text == 'FROM ./gguf/model-q4_k_m.gguf\nTEMPLATE """T"""\nPARAMETER stop "<|im_end|>"\nPARAMETER temperature '
+        "0.7\nPARAMETER num_ctx 2048\n"
+    )

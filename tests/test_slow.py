@@ -17,7 +17,8 @@ def shared_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TWIN_DPO_CACHE", str(tmp_path_factory.getbasetemp() / "shared-cache"))
 
 
-def test_embedded_model_converts_once_and_trains(tmp_path, shared_cache):
+@pytest.mark.usefixtures("shared_cache")
+def test_embedded_model_converts_once_and_trains(tmp_path):
     from pipeline.model import paths as model
 
     first = model.embedded_model_dir()
@@ -27,19 +28,38 @@ def test_embedded_model_converts_once_and_trains(tmp_path, shared_cache):
 
     run_dir = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "dpo_lora", "--max-steps", "3", "--run-dir", str(run_dir),
-         "--set", "train.eval_every=0", "--set", "train.learning_rate=1e-4", "--set", "train.warmup_steps=0"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "dpo_lora",
+            "--max-steps",
+            "3",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            "train.learning_rate=1e-4",
+            "--set",
+            "train.warmup_steps=0",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["trainable_parameters"] < summary["total_parameters"] / 10
     assert summary["eval_before"]["reward_margin"] == 0.0
-    assert summary["eval_after"]["reward_margin"] > 0.0 and summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    assert (
+        summary["eval_after"]["reward_margin"] > 0.0 and summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    )
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_embedded_model_chats_with_its_template(shared_cache):
+@pytest.mark.usefixtures("shared_cache")
+def test_embedded_model_chats_with_its_template():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,8 +68,9 @@ def test_embedded_model_chats_with_its_template(shared_cache):
     folder = model.embedded_model_dir()
     tok = AutoTokenizer.from_pretrained(folder)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt")
     out = lm.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])

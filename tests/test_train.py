@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
-from pipeline.training import dpo as train
 from pipeline.data import load_pairs, templated
+from pipeline.training import dpo as train
 
 
 def _reference_logps(model_dir: Path, adapter_dir: Path | None, data: Path) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _reference_logps(model_dir: Path, adapter_dir: Path | None, data: Path) -> t
             full = tok(row["prompt"] + row["chosen"] + tok.eos_token)["input_ids"]
             logits = model(torch.tensor([full])).logits[0, :-1].float()
             logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
-            out.append(logp[len(prompt) - 1:].sum())
+            out.append(logp[len(prompt) - 1 :].sum())
     return torch.stack(out)
 
 
@@ -53,7 +53,9 @@ def test_lora_dpo_moves_only_the_adapter_and_keeps_the_reference(tiny_llama, sma
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), run_dir / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), run_dir / "adapter"
+    )
     for name, param in model.get_base_model().named_parameters():
         if "lora_" not in name:
             key = name.replace("base_layer.", "")
@@ -67,8 +69,19 @@ def test_lora_dpo_moves_only_the_adapter_and_keeps_the_reference(tiny_llama, sma
     assert summary["eval_before"]["reward_accuracy"] == 0.0  # policy == reference: every reward is exactly 0
     assert summary["eval_before"]["reward_margin"] == 0.0
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
-    for key in ("wall_seconds", "pairs_per_second", "tokens_per_second", "peak_memory_bytes", "trainable_parameters",
-                "total_parameters", "backend", "device", "versions", "eval_before", "eval_after"):
+    for key in (
+        "wall_seconds",
+        "pairs_per_second",
+        "tokens_per_second",
+        "peak_memory_bytes",
+        "trainable_parameters",
+        "total_parameters",
+        "backend",
+        "device",
+        "versions",
+        "eval_before",
+        "eval_after",
+    ):
         assert key in summary, key
     assert summary["backend"] == "hf" and summary["steps"] == 4
     assert set(summary["versions"]) >= {"torch", "transformers", "trl", "peft", "bitsandbytes"}
@@ -93,9 +106,9 @@ def test_qlora_dpo_trains_adapter_on_4bit_base(tiny_llama, small_data, tmp_path)
 def test_4bit_gradients_survive_an_evaluation_pass(tiny_llama):
     """bitsandbytes repacks 4-bit weights for a CPU kernel without backward on the first no-grad eval forward;
     pipeline.model.hf.keep_4bit_trainable stops that, so gradients after an evaluation equal those before."""
+    from conftest import tiny_recipe
     from peft import get_peft_model
 
-    from conftest import tiny_recipe
     from pipeline.model import hf
     from pipeline.model.backend import Backend
 
@@ -140,9 +153,11 @@ def test_full_dpo_trains_every_weight_against_a_frozen_copy(tiny_llama, small_da
     assert "separate frozen copy" in summary["reference"]
 
 
-def test_eval_split_carved_from_train_when_none_given(tiny_llama, small_data, tmp_path):
+def test_eval_split_carved_from_train_when_none_given(tiny_llama, small_data):
     recipe = tiny_recipe(tiny_llama, small_data)
     recipe = replace(recipe, data=replace(recipe.data, eval=None, eval_fraction=0.25))
     prep = train.prepare(recipe)
     assert len(prep.train_rows) == 12 and len(prep.eval_rows) == 4
-    assert not {(r["prompt"], r["chosen"]) for r in prep.train_rows} & {(r["prompt"], r["chosen"]) for r in prep.eval_rows}
+    assert not {(r["prompt"], r["chosen"]) for r in prep.train_rows} & {
+        (r["prompt"], r["chosen"]) for r in prep.eval_rows
+    }

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import save_tiny, tiny_recipe
 from safetensors.torch import load_file
 
-from conftest import save_tiny, tiny_recipe
 from pipeline import cli
 from pipeline.training import dpo as train
 from pipeline.training import sft
@@ -19,9 +19,12 @@ from pipeline.training import sft
 def sft_run(tiny_llama, small_data, tmp_path_factory):
     from recipes.sft_twin import recipe
 
-    recipe = replace(recipe, model=replace(recipe.model, name_or_path=str(tiny_llama), dtype="float32"),
-                     data=replace(recipe.data, train=str(small_data["train"]), eval=str(small_data["heldout"])),
-                     train=replace(recipe.train, learning_rate=3e-3, warmup_steps=0, eval_every=0.0))
+    recipe = replace(
+        recipe,
+        model=replace(recipe.model, name_or_path=str(tiny_llama), dtype="float32"),
+        data=replace(recipe.data, train=str(small_data["train"]), eval=str(small_data["heldout"])),
+        train=replace(recipe.train, learning_rate=3e-3, warmup_steps=0, eval_every=0.0),
+    )
     summary, run_dir = sft.sft(recipe, tmp_path_factory.mktemp("sft") / "run", max_steps=4)
     return summary, run_dir
 
@@ -42,7 +45,9 @@ def _sum_logps(model_dir, adapter_dir, rows):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir
+    ).eval()
     out = []
     with torch.no_grad():
         for row in rows:
@@ -51,7 +56,7 @@ def _sum_logps(model_dir, adapter_dir, rows):
                 answer = row[side] if row[side].endswith(tok.eos_token) else row[side] + tok.eos_token  # TRL added it
                 full = tok(row["prompt"] + answer)["input_ids"]
                 logp = torch.log_softmax(model(torch.tensor([full])).logits[0, :-1].float(), -1)
-                out.append(logp.gather(-1, torch.tensor(full[1:])[:, None])[len(prompt) - 1:, 0].sum())
+                out.append(logp.gather(-1, torch.tensor(full[1:])[:, None])[len(prompt) - 1 :, 0].sum())
     return torch.stack(out)
 
 
@@ -76,7 +81,7 @@ def test_dpo_on_the_twin_adapter_keeps_its_reference_copy(tiny_llama, small_data
     # the reference copy is bitwise the SFT adapter, after training
     flat_sft = {k.replace("base_model.model.", ""): v for k, v in sft_weights.items()}
     for name, tensor in seen["ref"].items():
-        key = name.replace("base_model.model.", "").replace(".weight", ".weight")
+        key = name.replace("base_model.model.", "")
         assert torch.equal(tensor, flat_sft[key]), name
     # the policy moved away from it, the base did not move
     policy = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
@@ -85,7 +90,7 @@ def test_dpo_on_the_twin_adapter_keeps_its_reference_copy(tiny_llama, small_data
     assert all(torch.equal(v, load_file(str(tiny_llama / "model.safetensors"))[k]) for k, v in base_before.items())
     # the reference log-probs are those of base + SFT adapter
     fresh = _sum_logps(tiny_llama, sft_dir / "adapter", seen["eval_rows"])
-    cached = torch.tensor([v for pair in zip(*seen["reference_logps"]) for v in pair])
+    cached = torch.tensor([v for pair in zip(*seen["reference_logps"], strict=True) for v in pair])
     torch.testing.assert_close(cached, fresh, atol=2e-3, rtol=1e-4)
     assert "frozen copy of the twin adapter" in summary["reference"]
     assert summary["twin_adapter"] == str((sft_dir / "adapter").resolve())
@@ -94,7 +99,7 @@ def test_dpo_on_the_twin_adapter_keeps_its_reference_copy(tiny_llama, small_data
     assert recipe_json["model"]["adapter"] == str((sft_dir / "adapter").resolve())
 
 
-def test_twin_export_merges_base_and_policy_only(tiny_llama, small_data, sft_run, tmp_path, capsys):
+def test_twin_export_merges_base_and_policy_only(tiny_llama, small_data, sft_run, tmp_path):
     _, sft_dir = sft_run
     recipe = tiny_recipe(tiny_llama, small_data)
     recipe = replace(recipe, name="dpo-lora-twin", model=replace(recipe.model, adapter=str(sft_dir)))
@@ -107,8 +112,16 @@ def test_twin_export_merges_base_and_policy_only(tiny_llama, small_data, sft_run
 
 
 def test_missing_or_foreign_twin_adapter_is_one_line(tiny_llama, small_data, tmp_path, capsys, sft_run):
-    base = ["train", "dpo_lora", "--max-steps", "1", "--set", f"model.name_or_path={tiny_llama}",
-            "--set", f"data.train={small_data['train']}"]
+    base = [
+        "train",
+        "dpo_lora",
+        "--max-steps",
+        "1",
+        "--set",
+        f"model.name_or_path={tiny_llama}",
+        "--set",
+        f"data.train={small_data['train']}",
+    ]
     assert cli.main(base + ["--set", f"model.adapter={tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.adapter:" in err[0] and "nope is not a LoRA adapter" in err[0]
@@ -118,8 +131,23 @@ def test_missing_or_foreign_twin_adapter_is_one_line(tiny_llama, small_data, tmp
     cfg.update(hidden_size=32, intermediate_size=64)
     (other / "config.json").write_text(json.dumps(cfg))
     _, sft_dir = sft_run
-    assert cli.main(["train", "dpo_lora", "--max-steps", "1", "--set", f"model.name_or_path={other}",
-                     "--set", f"data.train={small_data['train']}", "--set", f"model.adapter={sft_dir}"]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "dpo_lora",
+                "--max-steps",
+                "1",
+                "--set",
+                f"model.name_or_path={other}",
+                "--set",
+                f"data.train={small_data['train']}",
+                "--set",
+                f"model.adapter={sft_dir}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert f"adapter {sft_dir / 'adapter'} was made for another base" in err[0] and str(other) in err[0]
@@ -128,13 +156,33 @@ def test_missing_or_foreign_twin_adapter_is_one_line(tiny_llama, small_data, tmp
 
 def test_make_twin_quick_version_writes_the_summary_page(tiny_llama, small_data, tmp_path):
     out = tmp_path / "twin"
-    code = cli.main(["twin", "--steps", "2", "--out", str(out), "--formats", "adapter,merged",
-                     "--set", f"model.name_or_path={tiny_llama}", "--set", f"data.train={small_data['train']}",
-                     "--set", f"data.eval={small_data['heldout']}"])
+    code = cli.main(
+        [
+            "twin",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--formats",
+            "adapter,merged",
+            "--set",
+            f"model.name_or_path={tiny_llama}",
+            "--set",
+            f"data.train={small_data['train']}",
+            "--set",
+            f"data.eval={small_data['heldout']}",
+        ]
+    )
     assert code == 0
     page = (out / "summary.md").read_text()
-    for part in ("## 1. SFT makes the twin", "## 2. DPO on the twin adapter", "frozen copy of the twin adapter",
-                 "## 3. Memory", "| frozen copy of the adapter on the shared base |", "## 4. Files"):
+    for part in (
+        "## 1. SFT makes the twin",
+        "## 2. DPO on the twin adapter",
+        "frozen copy of the twin adapter",
+        "## 3. Memory",
+        "| frozen copy of the adapter on the shared base |",
+        "## 4. Files",
+    ):
         assert part in page, part
     assert (out / "runs" / "dpo-lora-twin" / "export" / "merged" / "model.safetensors").is_file()
     shared = json.loads((out / "runs" / "memory-adapter-copy" / "summary.json").read_text())

@@ -41,7 +41,9 @@ def _turns(value: Any, where: str, name: str, problems: list[str]) -> list[tuple
             problems.append(f"{where}: field '{name}' turn {i}: must be an object with 'role' and 'content'")
             return None
         if turn["role"] not in ROLES:
-            problems.append(f"{where}: field '{name}' turn {i}: role must be one of {', '.join(ROLES)}, got {turn['role']!r}")
+            problems.append(
+                f"{where}: field '{name}' turn {i}: role must be one of {', '.join(ROLES)}, got {turn['role']!r}"
+            )
             return None
         if not isinstance(turn["content"], str):
             problems.append(f"{where}: field '{name}' turn {i}: content must be a string")
@@ -84,8 +86,14 @@ def _pair(where: str, row: Any, problems: list[str]) -> Pair | None:
         rejected_turns = _turns(row["rejected"], where, "rejected", problems)
         if chosen_turns is None or rejected_turns is None:
             return None
-        if chosen_turns[:-1] != rejected_turns[:-1] or chosen_turns[-1][0] != "assistant" or rejected_turns[-1][0] != "assistant":
-            problems.append(f"{where}: 'chosen' and 'rejected' conversations must share every turn but a last assistant turn")
+        if (
+            chosen_turns[:-1] != rejected_turns[:-1]
+            or chosen_turns[-1][0] != "assistant"
+            or rejected_turns[-1][0] != "assistant"
+        ):
+            problems.append(
+                f"{where}: 'chosen' and 'rejected' conversations must share every turn but a last assistant turn"
+            )
             return None
         prompt, chosen, rejected = chosen_turns[:-1], chosen_turns[-1][1], rejected_turns[-1][1]
         if not prompt:
@@ -139,6 +147,9 @@ def load_splits(data) -> tuple[list[Pair], list[Pair]]:
     random.Random(0).shuffle(order)
     n_eval = max(1, round(len(train) * data.eval_fraction))
     if len(train) - n_eval < 1:
-        raise UserError(f"data.train: {data.train} has {len(train)} rows, too few to hold out {data.eval_fraction:.0%}; give data.eval")
+        raise UserError(
+            f"data.train: {data.train} has {len(train)} rows, too few to hold out {data.eval_fraction:.0%}; give "
+            "data.eval"
+        )
     held = set(order[:n_eval])
     return [p for i, p in enumerate(train) if i not in held], [p for i, p in enumerate(train) if i in held]

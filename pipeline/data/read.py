@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.storage import looks_like_hub_id
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {
@@ -28,8 +29,9 @@ def _text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-                        "save it as UTF-8 JSON lines") from None
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8 JSON lines"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
@@ -41,7 +43,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
         try:
             rows.append((f"{path}:line {number}", json.loads(line)))
         except json.JSONDecodeError as err:
-            problems.append(f"{path}:line {number}: not valid JSON ({err.msg} at column {err.colno}); fix or delete the line")
+            problems.append(
+                f"{path}:line {number}: not valid JSON ({err.msg} at column {err.colno}); fix or delete the line"
+            )
     if problems:
         raise UserError(cap(problems))
     return rows
@@ -55,7 +59,10 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise UserError(f"{path}: expected a JSON list of rows (or an object holding one list), got an object with keys {list(data)[:5]}")
+            raise UserError(
+                f"{path}: expected a JSON list of rows (or an object holding one list), got an object with keys "
+                f"{list(data)[:5]}"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
@@ -88,11 +95,6 @@ def _read_hub(name: str, split: str, key: str) -> list[tuple[str, Any]]:
     return [(f"{name}[{split}]:row {i}", row) for i, row in enumerate(table, start=1)]
 
 
-def looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "." not in parts[0]
-
-
 def read_rows(source: str, split: str, key: str) -> list[tuple[str, Any]]:
     """Raw rows with their location, from a file, a Hub id or the embedded set. `key` names the recipe field."""
     if source in EMBEDDED:
@@ -113,4 +115,6 @@ def read_rows(source: str, split: str, key: str) -> list[tuple[str, Any]]:
         raise UserError(f"{key}: {source}: unsupported file type '{suffix}'; use .jsonl, .json, .csv or .parquet")
     if looks_like_hub_id(source):
         return _read_hub(source, split, key)
-    raise UserError(f"{key}: dataset file {source} does not exist; check the path (relative paths start at {Path.cwd()})")
+    raise UserError(
+        f"{key}: dataset file {source} does not exist; check the path (relative paths start at {Path.cwd()})"
+    )

@@ -23,7 +23,10 @@ def render_prompt(tokenizer, pair: Pair, system_prompt: str | None) -> str:
 def templated(tokenizer, pairs: list[Pair], system_prompt: str | None) -> list[dict[str, str]]:
     """Rows TRL can read: the prompt rendered with the chat template; TRL appends EOS to each answer."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the model's tokenizer has no chat template; use a chat (instruct) model or add chat_template.jinja to its folder")
+        raise UserError(
+            "the model's tokenizer has no chat template; use a chat (instruct) model or add chat_template.jinja to its "
+            "folder"
+        )
     return [
         {"prompt": render_prompt(tokenizer, p, system_prompt), "chosen": p.chosen, "rejected": p.rejected}
         for p in pairs
@@ -46,7 +49,7 @@ def check_lengths(tokenizer, rows: list[dict[str, str]], pairs: list[Pair], max_
     longest = 0
     total = 0
     per_pair = []
-    for row, pair in zip(rows, pairs):
+    for row, pair in zip(rows, pairs, strict=True):
         prompt_len = len(tokenizer(row["prompt"])["input_ids"])
         answer_lens = [len(tokenizer(row[side])["input_ids"]) + 1 for side in ("chosen", "rejected")]  # +1: EOS
         if prompt_len >= max_length:
@@ -77,8 +80,8 @@ def grouped_order(lengths: list[int], batch: int, seed: int, group: int = 50) ->
     rng.shuffle(order)
     batches = []
     for start in range(0, len(order), group * batch):
-        chunk = sorted(order[start:start + group * batch], key=lambda i: lengths[i], reverse=True)
-        batches.extend(chunk[k:k + batch] for k in range(0, len(chunk), batch))
+        chunk = sorted(order[start : start + group * batch], key=lambda i: lengths[i], reverse=True)
+        batches.extend(chunk[k : k + batch] for k in range(0, len(chunk), batch))
     full = [b for b in batches if len(b) == batch]
     rng.shuffle(full)  # a short batch stays last, so the loader's batches line up with these
     return [i for b in full + [b for b in batches if len(b) < batch] for i in b]

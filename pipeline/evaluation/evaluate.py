@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
 from pipeline import recipe as recipes
 from pipeline import run_folder
 from pipeline.data import Pair, load_splits, render_prompt
@@ -33,8 +37,6 @@ MAX_NEW_TOKENS = 128
 
 def generate(model, tokenizer, questions, system_prompt: str | None, max_new_tokens: int) -> list[str]:
     """Greedy answers to `questions`, one batch, left-padded."""
-    import torch
-
     prompts = [render_prompt(tokenizer, Pair((("user", q),), "", "", "question"), system_prompt) for q in questions]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -44,9 +46,14 @@ def generate(model, tokenizer, questions, system_prompt: str | None, max_new_tok
         tokenizer.padding_side = side
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return [tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip() for row in out]
 
 
 def _fingerprint(path: str, recipe) -> str:
@@ -60,23 +67,27 @@ def _fingerprint(path: str, recipe) -> str:
         with f.open("rb") as handle:
             while chunk := handle.read(1 << 24):
                 h.update(chunk)
-    import torch
-
-    h.update(json.dumps([path if not folder.is_dir() else "", recipe.model.load_in_4bit, recipe.data.system_prompt,
-                         FIXED_QUESTIONS, MAX_NEW_TOKENS, torch.__version__, "fp32-greedy"]).encode())
+    h.update(
+        json.dumps(
+            [
+                path if not folder.is_dir() else "",
+                recipe.model.load_in_4bit,
+                recipe.data.system_prompt,
+                FIXED_QUESTIONS,
+                MAX_NEW_TOKENS,
+                torch.__version__,
+                "fp32-greedy",
+            ]
+        ).encode()
+    )
     return h.hexdigest()
 
 
 def _models(recipe, run_dir: Path, artifact: str, path: str):
     """(trained policy, untouched twin) as callables that yield a model: they may share one set of weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     fp32 = recipes.apply_overrides(recipe, ["model.dtype=float32"])
     backend = Backend("hf", "evaluate", "cpu" if not cuda_available() else "cuda")
     if artifact == "adapter":
-        from peft import PeftModel
-
         policy = PeftModel.from_pretrained(hf.load_base(fp32, path, backend), run_dir / "adapter").eval()
         if recipe.model.adapter:  # the untouched twin is the base with its SFT adapter
             policy.load_adapter(recipe.model.adapter, adapter_name="twin")
@@ -131,12 +142,20 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
             write_json_atomic(cache, {"questions": FIXED_QUESTIONS, "answers": before})
     report = {
         "run": str(run_dir),
-        "held_out": {"before": summary.get("eval_before"), "after": summary.get("eval_after"),
-                     "pairs": summary.get("eval_pairs")},
-        "style": {"before": style.metrics(before), "after": style.metrics(after),
-                  "author_reference": style.metrics(_chosen_answers(recipe)),
-                  "generic_reference": style.metrics(_chosen_answers(recipe, "rejected"))},
-        "generations": [{"question": q, "before": b, "after": a} for q, b, a in zip(FIXED_QUESTIONS, before, after)],
+        "held_out": {
+            "before": summary.get("eval_before"),
+            "after": summary.get("eval_after"),
+            "pairs": summary.get("eval_pairs"),
+        },
+        "style": {
+            "before": style.metrics(before),
+            "after": style.metrics(after),
+            "author_reference": style.metrics(_chosen_answers(recipe)),
+            "generic_reference": style.metrics(_chosen_answers(recipe, "rejected")),
+        },
+        "generations": [
+            {"question": q, "before": b, "after": a} for q, b, a in zip(FIXED_QUESTIONS, before, after, strict=True)
+        ],
         "max_new_tokens": MAX_NEW_TOKENS,
         "decoding": "greedy, fp32, seed 0",
         "seconds": round(time.perf_counter() - start, 1),
@@ -154,9 +173,14 @@ def _chosen_answers(recipe, side: str = "chosen") -> list[str]:
 
 def samples_markdown(report: dict[str, Any]) -> str:
     b, a = report["style"]["before"], report["style"]["after"]
-    lines = [f"# Samples: {report['run']}", "",
-             f"Greedy, {report['max_new_tokens']} new tokens at most. Style of these answers (before -> after):", "",
-             "| metric | untouched twin | trained | author's held-out answers |", "|---|---|---|---|"]
+    lines = [
+        f"# Samples: {report['run']}",
+        "",
+        f"Greedy, {report['max_new_tokens']} new tokens at most. Style of these answers (before -> after):",
+        "",
+        "| metric | untouched twin | trained | author's held-out answers |",
+        "|---|---|---|---|",
+    ]
     for key in b:
         lines.append(f"| {key} | {b[key]:.3f} | {a[key]:.3f} | {report['style']['author_reference'][key]:.3f} |")
     for g in report["generations"]:
@@ -166,8 +190,10 @@ def samples_markdown(report: dict[str, Any]) -> str:
 
 def describe(report: dict[str, Any]) -> str:
     b, a = report["style"]["before"], report["style"]["after"]
-    return (f"style (untouched -> trained): {b['words_per_answer']:.0f} -> {a['words_per_answer']:.0f} words/answer, "
-            f"{b['words_per_sentence']:.1f} -> {a['words_per_sentence']:.1f} words/sentence, stock phrases in "
-            f"{b['stock_phrase_share']:.0%} -> {a['stock_phrase_share']:.0%} of answers, first person "
-            f"{b['first_person_per_100_words']:.1f} -> {a['first_person_per_100_words']:.1f} per 100 words, "
-            f"repetition {b['repetition_rate']:.2f} -> {a['repetition_rate']:.2f}")
+    return (
+        f"style (untouched -> trained): {b['words_per_answer']:.0f} -> {a['words_per_answer']:.0f} words/answer, "
+        f"{b['words_per_sentence']:.1f} -> {a['words_per_sentence']:.1f} words/sentence, stock phrases in "
+        f"{b['stock_phrase_share']:.0%} -> {a['stock_phrase_share']:.0%} of answers, first person "
+        f"{b['first_person_per_100_words']:.1f} -> {a['first_person_per_100_words']:.1f} per 100 words, "
+        f"repetition {b['repetition_rate']:.2f} -> {a['repetition_rate']:.2f}"
+    )

@@ -12,12 +12,42 @@ import re
 # The generic assistant voice: stock phrases the author never uses. One list, used by the data tests,
 # the evaluation and the reports. Matched case-insensitively as whole phrases.
 STOCK_PHRASES = (
-    "it is important to note", "it is worth noting", "it is worth mentioning", "in conclusion", "in summary",
-    "delve", "certainly!", "great question", "pivotal", "leverage", "landscape", "furthermore", "additionally",
-    "moreover", "crucial", "multifaceted", "in today's", "ever-evolving", "rapidly evolving", "ultimately",
-    "nevertheless", "paramount", "unlock", "empower", "transformative", "a wide range of", "a wide variety of",
-    "best practice", "in essence", "broadly speaking", "at its core", "plays a vital role", "it is essential",
-    "navigate", "foster", "robust",
+    "it is important to note",
+    "it is worth noting",
+    "it is worth mentioning",
+    "in conclusion",
+    "in summary",
+    "delve",
+    "certainly!",
+    "great question",
+    "pivotal",
+    "leverage",
+    "landscape",
+    "furthermore",
+    "additionally",
+    "moreover",
+    "crucial",
+    "multifaceted",
+    "in today's",
+    "ever-evolving",
+    "rapidly evolving",
+    "ultimately",
+    "nevertheless",
+    "paramount",
+    "unlock",
+    "empower",
+    "transformative",
+    "a wide range of",
+    "a wide variety of",
+    "best practice",
+    "in essence",
+    "broadly speaking",
+    "at its core",
+    "plays a vital role",
+    "it is essential",
+    "navigate",
+    "foster",
+    "robust",
 )
 _STOCK = re.compile("|".join(re.escape(p) for p in STOCK_PHRASES), re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -40,7 +70,7 @@ def sentences(text: str) -> list[str]:
 def repetition_rate(text: str, n: int = 3) -> float:
     """Share of word trigrams that repeat an earlier trigram of the same answer (degenerate loops score high)."""
     tokens = [w.lower() for w in words(text)]
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
@@ -56,8 +86,12 @@ def metrics(answers: list[str]) -> dict[str, float]:
     total_words = sum(len(w) for w in all_words)
     return {
         "words_per_answer": total_words / n,
-        "words_per_sentence": (sum(len(words(s)) for s in all_sentences) / len(all_sentences)) if all_sentences else 0.0,
+        "words_per_sentence": (sum(len(words(s)) for s in all_sentences) / len(all_sentences))
+        if all_sentences
+        else 0.0,
         "stock_phrase_share": sum(bool(stock_phrases(a)) for a in answers) / n,
-        "first_person_per_100_words": 100 * sum(w.lower() in FIRST_PERSON for ws in all_words for w in ws) / max(total_words, 1),
+        "first_person_per_100_words": 100
+        * sum(w.lower() in FIRST_PERSON for ws in all_words for w in ws)
+        / max(total_words, 1),
         "repetition_rate": sum(repetition_rate(a) for a in answers) / n,
     }

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
 from pipeline import recipe as recipes
 from pipeline.data import EMBEDDED
 from pipeline.errors import UserError
@@ -39,8 +42,6 @@ BATCHES = (1, 2, 4)
 
 def matmul_peak(hidden: int, intermediate: int, tokens: int, dtype_name: str) -> float:
     """FLOP/s of the model's largest matmul shape ([tokens, hidden] x [hidden, intermediate]), best of 5."""
-    import torch
-
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name, torch.float32)
     a, b = torch.randn(tokens, hidden, dtype=dtype), torch.randn(hidden, intermediate, dtype=dtype)
     for _ in range(3):
@@ -55,8 +56,20 @@ def matmul_peak(hidden: int, intermediate: int, tokens: int, dtype_name: str) ->
 
 
 def run_ours(folder: Path, steps: int, sets: list[str], env: dict[str, str]) -> dict[str, Any]:
-    argv = [*children.PIPELINE, "train", "dpo_lora", "--run-dir", str(folder), "--no-eval",
-            "--max-steps", str(steps), "--set", "train.save_every=0", "--set", "train.eval_every=0"]
+    argv = [
+        *children.PIPELINE,
+        "train",
+        "dpo_lora",
+        "--run-dir",
+        str(folder),
+        "--no-eval",
+        "--max-steps",
+        str(steps),
+        "--set",
+        "train.save_every=0",
+        "--set",
+        "train.eval_every=0",
+    ]
     env = {**env, **dict(s[4:].split("=", 1) for s in sets if s.startswith("env:"))}
     sets = [s for s in sets if not s.startswith("env:")]
     children.run(argv + [a for s in sets for a in ("--set", s)], f"ours {' '.join(sets)}", env, quiet=True)
@@ -64,34 +77,60 @@ def run_ours(folder: Path, steps: int, sets: list[str], env: dict[str, str]) -> 
 
 
 def run_baseline(folder: Path, steps: int, sets: list[str], env: dict[str, str]) -> dict[str, Any]:
-    argv = [sys.executable, str(children.BASELINE), "--run-dir", str(folder), "--max-steps", str(steps), "--set", "train.eval_every=0"]
+    argv = [
+        sys.executable,
+        str(children.BASELINE),
+        "--run-dir",
+        str(folder),
+        "--max-steps",
+        str(steps),
+        "--set",
+        "train.eval_every=0",
+    ]
     children.run(argv + [a for s in sets for a in ("--set", s)], "trl baseline", env, quiet=True)
     return read_json(folder / "summary.json")
 
 
 def synthetic_data(folder: Path, tokenizer, length: int, pairs: int) -> tuple[Path, Path]:
     """Preference pairs whose prompt + answer is `length` tokens (the prompt a quarter), for the scaling table."""
-    words = " ".join(json.loads(line)["rejected"] for line in EMBEDDED["embedded:train"].read_text().splitlines()).split()
+    words = " ".join(
+        json.loads(line)["rejected"] for line in EMBEDDED["embedded:train"].read_text().splitlines()
+    ).split()
 
     def text(n_tokens: int, offset: int) -> str:
         out, i = [], offset
         while len(tokenizer(" ".join(out))["input_ids"]) < n_tokens:
-            out.extend(words[i % len(words): i % len(words) + 16])
+            out.extend(words[i % len(words) : i % len(words) + 16])
             i += 16
         ids = tokenizer(" ".join(out))["input_ids"][:n_tokens]
         return tokenizer.decode(ids)
 
-    rows = [{"prompt": text(length // 4, 97 * k), "chosen": text(length - length // 4 - 40, 13 * k + 5),
-             "rejected": text(length - length // 4 - 40, 29 * k + 11)} for k in range(pairs)]
+    rows = [
+        {
+            "prompt": text(length // 4, 97 * k),
+            "chosen": text(length - length // 4 - 40, 13 * k + 5),
+            "rejected": text(length - length // 4 - 40, 29 * k + 11),
+        }
+        for k in range(pairs)
+    ]
     train, held = folder / f"train-{length}.jsonl", folder / f"held-{length}.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     held.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     return train, held
 
 
-def bench(steps: int = 100, repeats: int = 3, scaling_steps: int = 2, out: Path = Path("reports/bench"),
-          overrides: list[str] | None = None, scaling: bool = True, lengths=LENGTHS, batches=BATCHES,
-          ablations=ABLATIONS, ablation_steps: int = 30) -> Path:
+def bench(
+    steps: int = 100,
+    repeats: int = 3,
+    scaling_steps: int = 2,
+    out: Path = Path("reports/bench"),
+    overrides: list[str] | None = None,
+    scaling: bool = True,
+    lengths=LENGTHS,
+    batches=BATCHES,
+    ablations=ABLATIONS,
+    ablation_steps: int = 30,
+) -> Path:
     """Main runs of `steps` (default one epoch: learning is compared once both have seen every pair; after
     30 steps the held-out accuracy still swings by 0.1 with the order of the pairs alone), ablation runs
     of `ablation_steps` (they measure speed)."""
@@ -100,8 +139,6 @@ def bench(steps: int = 100, repeats: int = 3, scaling_steps: int = 2, out: Path 
     if not children.BASELINE.is_file():
         raise UserError(f"bench needs the TRL baseline script {children.BASELINE}; run it from a twin-dpo checkout")
     out.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoConfig, AutoTokenizer
-
     path = paths.resolve_model_path(recipe.model.name_or_path)
     config = AutoConfig.from_pretrained(path)
     prec = precision(recipe, "cuda" if cuda_available() else "cpu")
@@ -131,13 +168,20 @@ def bench(steps: int = 100, repeats: int = 3, scaling_steps: int = 2, out: Path 
             for batch in batches:
                 pairs = batch * (scaling_steps + 1)
                 train, held = synthetic_data(work, tokenizer, length, pairs)
-                sets = overrides + [f"data.train={train}", f"data.eval={held}", f"train.batch_size={batch}",
-                                    "train.warmup_steps=0", f"data.max_length={max(length, 128)}"]
+                sets = overrides + [
+                    f"data.train={train}",
+                    f"data.eval={held}",
+                    f"train.batch_size={batch}",
+                    "train.warmup_steps=0",
+                    f"data.max_length={max(length, 128)}",
+                ]
                 print(f"[twin-dpo] bench scaling: {length} tokens, batch {batch}", flush=True)
                 b = run_baseline(work / f"scale-b-{length}-{batch}", scaling_steps, sets, env)
                 o = run_ours(work / f"scale-o-{length}-{batch}", scaling_steps, sets, env)
                 scale.append({"length": length, "batch": batch, "baseline": b, "ours": o})
-    report = bench_report.render(main, ablation, scale, params, peak, prec, steps, ablation_steps, repeats, time.perf_counter() - start)
+    report = bench_report.render(
+        main, ablation, scale, params, peak, prec, steps, ablation_steps, repeats, time.perf_counter() - start
+    )
     write_json_atomic(out / "bench.json", report["json"])
     write_text_atomic(out / "bench.md", report["md"])
     return out / "bench.md"

@@ -24,11 +24,22 @@ def compare(steps: int | None, overrides: list[str], out: Path = Path("reports/c
     out = children.fresh(out)
     start = time.perf_counter()
     for name, spec in COMPARED:
-        children.run([*children.PIPELINE, "train", spec, "--run-dir", str(out / "runs" / name),
-                      *children.flags(steps, overrides)], name)
+        children.run(
+            [
+                *children.PIPELINE,
+                "train",
+                spec,
+                "--run-dir",
+                str(out / "runs" / name),
+                *children.flags(steps, overrides),
+            ],
+            name,
+        )
     base_dir = out / "runs" / "trl-baseline"
-    children.run([sys.executable, str(children.BASELINE), "--run-dir", str(base_dir),
-                  *children.flags(steps, overrides)], "trl-baseline")
+    children.run(
+        [sys.executable, str(children.BASELINE), "--run-dir", str(base_dir), *children.flags(steps, overrides)],
+        "trl-baseline",
+    )
     children.run([*children.PIPELINE, "evaluate", str(base_dir)], "trl-baseline evaluate")
     every = [report.load(out / "runs" / name, name) for name, _ in COMPARED] + [report.load(base_dir, "trl-baseline")]
     curves.curves(every, out / "curves.png", "LoRA vs QLoRA vs full DPO vs plain TRL")

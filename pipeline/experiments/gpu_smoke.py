@@ -20,8 +20,18 @@ def gpu_smoke(steps: int = 30, overrides: list[str] | None = None, out: Path = P
         for backend in ("unsloth", "hf"):
             folder = out / "runs" / f"{method}-{backend}"
             sets = (overrides or []) + [f"model.backend={backend}", "train.eval_every=0"]
-            children.run([*children.PIPELINE, "train", method, "--run-dir", str(folder), "--no-eval",
-                          *children.flags(steps, sets)], f"{method} on {backend}")
+            children.run(
+                [
+                    *children.PIPELINE,
+                    "train",
+                    method,
+                    "--run-dir",
+                    str(folder),
+                    "--no-eval",
+                    *children.flags(steps, sets),
+                ],
+                f"{method} on {backend}",
+            )
             rows.append((method, read_json(folder / "summary.json")))
     write_text_atomic(out / "report.md", report.gpu_smoke_page(rows))
     return out / "report.md"

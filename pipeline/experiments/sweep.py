@@ -24,7 +24,9 @@ def parse_grid(grid: list[str]) -> list[dict[str, str]]:
         key, values = item.split("=", 1)
         if key not in keys:
             hint = recipes.nearest(key, list(keys))
-            raise UserError(f"--grid {key}: unknown recipe key" + (f"; did you mean {' or '.join(hint)}?" if hint else ""))
+            raise UserError(
+                f"--grid {key}: unknown recipe key" + (f"; did you mean {' or '.join(hint)}?" if hint else "")
+            )
         axes.append([(key, v.strip()) for v in values.split(",") if v.strip()])
     return [dict(combo) for combo in itertools.product(*axes)]
 
@@ -37,12 +39,17 @@ def rank_key(run: report.Run):
     """Held-out reward accuracy first; then fewer stock phrases, more first person, less repetition."""
     after = run.summary.get("eval_after") or {}
     style = (run.eval or {}).get("style", {}).get("after", {})
-    return (-round(after.get("reward_accuracy", 0.0), 3), style.get("stock_phrase_share", 1.0),
-            -style.get("first_person_per_100_words", 0.0), style.get("repetition_rate", 1.0))
+    return (
+        -round(after.get("reward_accuracy", 0.0), 3),
+        style.get("stock_phrase_share", 1.0),
+        -style.get("first_person_per_100_words", 0.0),
+        style.get("repetition_rate", 1.0),
+    )
 
 
-def sweep(recipe_spec: str, grid: list[str], steps: int | None, overrides: list[str],
-          out: Path = Path("reports/sweep")) -> Path:
+def sweep(
+    recipe_spec: str, grid: list[str], steps: int | None, overrides: list[str], out: Path = Path("reports/sweep")
+) -> Path:
     points = parse_grid(grid)
     base = recipes.apply_overrides(recipes.load_recipe(recipe_spec), overrides)
     for point in points:  # every grid point must be a valid recipe before anything trains
@@ -53,8 +60,17 @@ def sweep(recipe_spec: str, grid: list[str], steps: int | None, overrides: list[
     for n, point in enumerate(points, 1):
         label = _label(point)
         sets = overrides + [f"{k}={v}" for k, v in point.items()]
-        children.run([*children.PIPELINE, "train", recipe_spec, "--run-dir", str(out / "runs" / label),
-                      *children.flags(steps, sets)], f"sweep run {n}/{len(points)} {label}")
+        children.run(
+            [
+                *children.PIPELINE,
+                "train",
+                recipe_spec,
+                "--run-dir",
+                str(out / "runs" / label),
+                *children.flags(steps, sets),
+            ],
+            f"sweep run {n}/{len(points)} {label}",
+        )
         done.append(report.load(out / "runs" / label, label))
     ranked = sorted(done, key=rank_key)
     curves.curves(ranked, out / "curves.png", f"sweep over {', '.join(points[0])}")

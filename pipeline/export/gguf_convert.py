@@ -16,15 +16,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf import GGMLQuantizationType as Q
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from pipeline.errors import UserError
 
 SUPPORTED = ("llama", "qwen2")
 # llama.cpp pre-tokenizer names for byte-level BPE vocabularies, tried in this order until one tokenizes
 # the probe texts exactly like the Hugging Face tokenizer (export/proofs.py: pick_pre_tokenizer).
-PRE_CANDIDATES = ("smollm", "qwen2", "llama-bpe", "gpt-2", "default", "deepseek-llm", "deepseek-coder",
-                  "starcoder", "falcon", "gpt-4o", "tekken", "olmo", "refact", "command-r")
+PRE_CANDIDATES = (
+    "smollm",
+    "qwen2",
+    "llama-bpe",
+    "gpt-2",
+    "default",
+    "deepseek-llm",
+    "deepseek-coder",
+    "starcoder",
+    "falcon",
+    "gpt-4o",
+    "tekken",
+    "olmo",
+    "refact",
+    "command-r",
+)
 FAMILY_PRE = {"qwen2": "qwen2"}  # the guess when no tokenizer probe can run
 
 
@@ -40,7 +58,9 @@ class Converted:
 def _arch(config: dict[str, Any]) -> str:
     model_type = config.get("model_type", "?")
     if model_type not in SUPPORTED:
-        raise UserError(f"GGUF export: architecture '{model_type}' is not supported; twin-dpo converts {', '.join(SUPPORTED)}")
+        raise UserError(
+            f"GGUF export: architecture '{model_type}' is not supported; twin-dpo converts {', '.join(SUPPORTED)}"
+        )
     return model_type
 
 
@@ -69,15 +89,18 @@ def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 def tokenizer_fields(folder: Path) -> dict[str, Any]:
     """Tokens, types, merges, special ids and chat template of a byte-level BPE tokenizer."""
-    from transformers import AutoTokenizer
-
     spec_path = folder / "tokenizer.json"
     if not spec_path.is_file():
-        raise UserError(f"GGUF export: {folder} has no tokenizer.json; only fast byte-level BPE tokenizers are supported")
+        raise UserError(
+            f"GGUF export: {folder} has no tokenizer.json; only fast byte-level BPE tokenizers are supported"
+        )
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise UserError(f"GGUF export: tokenizer model '{model.get('type')}' is not supported; twin-dpo writes byte-level BPE (gpt2) vocabularies")
+        raise UserError(
+            f"GGUF export: tokenizer model '{model.get('type')}' is not supported; twin-dpo writes byte-level BPE "
+            "(gpt2) vocabularies"
+        )
     tok = AutoTokenizer.from_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     vocab = tok.get_vocab()
@@ -117,8 +140,12 @@ def _write_tokenizer(writer, fields: dict[str, Any], pre: str) -> None:
     writer.add_token_list(fields["tokens"])
     writer.add_token_types(fields["types"])
     writer.add_token_merges(fields["merges"])
-    for key, adder in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                       ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+    for key, adder in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("pad", writer.add_pad_token_id),
+        ("unk", writer.add_unk_token_id),
+    ):
         if fields[key] is not None:
             adder(fields[key])
     writer.add_add_bos_token(bool(fields["add_bos"]))
@@ -128,8 +155,6 @@ def _write_tokenizer(writer, fields: dict[str, Any], pre: str) -> None:
 
 def write_vocab_only(folder: Path, out: Path, pre: str, fields: dict[str, Any] | None = None) -> Path:
     """A GGUF holding only metadata and the tokenizer: enough for llama.cpp to tokenize (vocab_only)."""
-    import gguf
-
     config = json.loads((folder / "config.json").read_text())
     writer = gguf.GGUFWriter(str(out), _arch(config))
     _write_hparams(writer, config)
@@ -161,8 +186,6 @@ def _write_hparams(writer, config: dict[str, Any]) -> None:
 
 
 def _load_tensors(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"GGUF export: {folder} holds no safetensors weights")
@@ -173,12 +196,10 @@ def _load_tensors(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def convert(folder: Path, out: Path, outtype: str = "f16", pre: str | None = None,
-            fields: dict[str, Any] | None = None) -> Converted:
+def convert(
+    folder: Path, out: Path, outtype: str = "f16", pre: str | None = None, fields: dict[str, Any] | None = None
+) -> Converted:
     """Write `out` (F16 or Q8_0) from the merged model folder."""
-    import gguf
-    from gguf import GGMLQuantizationType as Q
-
     config = json.loads((folder / "config.json").read_text())
     arch = _arch(config)
     model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]

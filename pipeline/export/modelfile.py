@@ -22,14 +22,22 @@ from pathlib import Path
 
 from pipeline.data import ROLES
 from pipeline.errors import UserError
+
 _SENTINEL = {"system": "QqSYSqQ", "user": "QqUSRqQ", "assistant": "QqASTqQ", "user2": "QqUS2qQ"}
 
 CONVERSATIONS = (  # what the proof renders: with and without a system turn, one and two turns
     [{"role": "user", "content": "What is LoRA?"}],
-    [{"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "A small adapter."},
-     {"role": "user", "content": "And QLoRA?"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Define DPO."}],
+    [
+        {"role": "user", "content": "What is LoRA?"},
+        {"role": "assistant", "content": "A small adapter."},
+        {"role": "user", "content": "And QLoRA?"},
+    ],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Define DPO."},
+    ],
 )
 
 
@@ -46,8 +54,9 @@ def derive(tokenizer) -> Parts:
     s, u, a = _SENTINEL["system"], _SENTINEL["user"], _SENTINEL["assistant"]
 
     def render(messages, gen=False):
-        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                             add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=gen
+        )
 
     def split(text, token, what):
         if text.count(token) != 1:
@@ -60,12 +69,12 @@ def derive(tokenizer) -> Parts:
         head = sys_prefix + s + sys_suffix
         if not with_user.startswith(head):
             raise UserError("Modelfile: the chat template renders the system turn differently before a user turn")
-        user_prefix, user_suffix = split(with_user[len(head):], u, "user turn")
+        user_prefix, user_suffix = split(with_user[len(head) :], u, "user turn")
         with_assistant = render([("system", s), ("user", u), ("assistant", a)])
         if not with_assistant.startswith(with_user):
             raise UserError("Modelfile: the chat template rewrites earlier turns when an assistant turn follows")
-        asst_prefix, asst_suffix = split(with_assistant[len(with_user):], a, "assistant turn")
-        generation = render([("system", s), ("user", u)], gen=True)[len(with_user):]
+        asst_prefix, asst_suffix = split(with_assistant[len(with_user) :], a, "assistant turn")
+        generation = render([("system", s), ("user", u)], gen=True)[len(with_user) :]
         user_only = render([("user", u)])
         tail = user_prefix + u + user_suffix
         if not user_only.endswith(tail):
@@ -75,8 +84,12 @@ def derive(tokenizer) -> Parts:
         raise
     except Exception as err:  # a Jinja template that refuses a lone system turn, raises on roles, ...
         raise UserError(f"Modelfile: cannot probe the chat template ({err}); write TEMPLATE by hand") from None
-    return Parts(default_system, {"system": sys_prefix, "user": user_prefix, "assistant": asst_prefix},
-                 {"system": sys_suffix, "user": user_suffix, "assistant": asst_suffix}, generation)
+    return Parts(
+        default_system,
+        {"system": sys_prefix, "user": user_prefix, "assistant": asst_prefix},
+        {"system": sys_suffix, "user": user_suffix, "assistant": asst_suffix},
+        generation,
+    )
 
 
 def _literal(text: str) -> str:
@@ -88,13 +101,20 @@ def go_template(parts: Parts) -> str:
     branches = []
     for n, role in enumerate(ROLES):
         keyword = "if" if n == 0 else "else if"
-        branches.append(f'{{{{ {keyword} eq $m.Role "{role}" }}}}{_literal(parts.prefix[role])}{{{{ $m.Content }}}}'
-                        f"{_literal(parts.suffix[role])}")
+        branches.append(
+            f'{{{{ {keyword} eq $m.Role "{role}" }}}}{_literal(parts.prefix[role])}{{{{ $m.Content }}}}'
+            f"{_literal(parts.suffix[role])}"
+        )
     default = ""
     if parts.default_system:
         default = f'{{{{ if and (eq $i 0) (ne $m.Role "system") }}}}{_literal(parts.default_system)}{{{{ end }}}}'
-    return ("{{ range $i, $m := .Messages }}" + default + "".join(branches) + "{{ end }}{{ end }}"
-            + _literal(parts.generation))
+    return (
+        "{{ range $i, $m := .Messages }}"
+        + default
+        + "".join(branches)
+        + "{{ end }}{{ end }}"
+        + _literal(parts.generation)
+    )
 
 
 def stop_tokens(tokenizer, parts: Parts) -> list[str]:
@@ -128,11 +148,28 @@ def render_go(template: str, conversations) -> list[str] | None:
     program = Path(__file__).parent / "render_template.go"
     with tempfile.TemporaryDirectory() as tmp:
         request = Path(tmp) / "request.json"
-        request.write_text(json.dumps({"template": template, "conversations": [
-            [{"Role": m["role"], "Content": m["content"]} for m in conv] for conv in conversations]}))
-        out = subprocess.run([go, "run", str(program), str(request)], capture_output=True, text=True,
-                             env={"GOCACHE": str(Path(tmp) / "gocache"), "HOME": tmp, "PATH": "/usr/bin:/bin",
-                                  "GOFLAGS": "-mod=mod", "GO111MODULE": "off"})
+        request.write_text(
+            json.dumps(
+                {
+                    "template": template,
+                    "conversations": [
+                        [{"Role": m["role"], "Content": m["content"]} for m in conv] for conv in conversations
+                    ],
+                }
+            )
+        )
+        out = subprocess.run(
+            [go, "run", str(program), str(request)],
+            capture_output=True,
+            text=True,
+            env={
+                "GOCACHE": str(Path(tmp) / "gocache"),
+                "HOME": tmp,
+                "PATH": "/usr/bin:/bin",
+                "GOFLAGS": "-mod=mod",
+                "GO111MODULE": "off",
+            },
+        )
     if out.returncode != 0:
         raise UserError(f"Modelfile: Go could not render the TEMPLATE: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout)
@@ -147,7 +184,7 @@ def render_python(template: str, conversations) -> list[str]:
     tokens: list[tuple[str, str]] = []
     pos = 0
     for match in _ACTION.finditer(template):
-        tokens.append(("text", template[pos:match.start()]))
+        tokens.append(("text", template[pos : match.start()]))
         tokens.append(("action", match.group(1).strip()))
         pos = match.end()
     tokens.append(("text", template[pos:]))
@@ -199,7 +236,7 @@ def render_python(template: str, conversations) -> list[str]:
                     i = j
                     if tag == "end":
                         break
-                    current = tag[len("else if "):] if tag.startswith("else if ") else None
+                    current = tag[len("else if ") :] if tag.startswith("else if ") else None
                 i += 1
             else:
                 out.append(str(value(body, scope)))
@@ -220,7 +257,16 @@ def prove(tokenizer, template: str) -> dict:
     got = render_go(template, CONVERSATIONS)
     renderer = "go text/template"
     if got is None:
-        got, renderer = render_python(template, CONVERSATIONS), "twin-dpo's interpreter of the TEMPLATE subset (Go not installed)"
-    mismatches = [i for i, (e, g) in enumerate(zip(expected, got)) if e != g]
-    return {"renderer": renderer, "conversations": len(CONVERSATIONS), "identical": not mismatches,
-            "first_mismatch": None if not mismatches else {"expected": expected[mismatches[0]], "rendered": got[mismatches[0]]}}
+        got, renderer = (
+            render_python(template, CONVERSATIONS),
+            "twin-dpo's interpreter of the TEMPLATE subset (Go not installed)",
+        )
+    mismatches = [i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if e != g]
+    return {
+        "renderer": renderer,
+        "conversations": len(CONVERSATIONS),
+        "identical": not mismatches,
+        "first_mismatch": None
+        if not mismatches
+        else {"expected": expected[mismatches[0]], "rendered": got[mismatches[0]]},
+    }

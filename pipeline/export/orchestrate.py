@@ -91,8 +91,10 @@ def export(run_dir: Path | None, overrides: list[str]) -> tuple[dict[str, Any], 
     formats = recipe.export.formats
     gguf_formats = [f for f in formats if f.startswith("gguf-")]
     if gguf_formats and importlib.util.find_spec("llama_cpp") is None:
-        raise UserError("export.formats asks for GGUF, whose proofs and K-quants need llama-cpp-python; run `make setup-gguf` "
-                        "(builds llama.cpp once, about 7 minutes on 2 cores) or --set export.formats=adapter,merged")
+        raise UserError(
+            "export.formats asks for GGUF, whose proofs and K-quants need llama-cpp-python; run `make setup-gguf` "
+            "(builds llama.cpp once, about 7 minutes on 2 cores) or --set export.formats=adapter,merged"
+        )
     artifact = summary.get("artifact", "adapter")
     if "adapter" in formats and artifact != "adapter":
         formats = tuple(f for f in formats if f != "adapter")  # full training has no adapter to export
@@ -103,9 +105,13 @@ def export(run_dir: Path | None, overrides: list[str]) -> tuple[dict[str, Any], 
     _, eval_pairs = data_mod.load_splits(recipe.data)
     rows = data_mod.templated(tokenizer, eval_pairs[:PROOF_ROWS], recipe.data.system_prompt)
     prompts = [r["prompt"] for r in rows]
-    texts = [tokenizer(r["prompt"] + r["chosen"] + tokenizer.eos_token)["input_ids"][: recipe.data.max_length] for r in rows]
-    questions = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-                 for q in FIXED_QUESTIONS]
+    texts = [
+        tokenizer(r["prompt"] + r["chosen"] + tokenizer.eos_token)["input_ids"][: recipe.data.max_length] for r in rows
+    ]
+    questions = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in FIXED_QUESTIONS
+    ]
 
     print(f"[twin-dpo] exporting {run_dir} ({', '.join(formats)})", flush=True)
     proofs: dict[str, Any] = {}
@@ -126,11 +132,16 @@ def export(run_dir: Path | None, overrides: list[str]) -> tuple[dict[str, Any], 
         dtype = recipe.export.merged_dtype
         _save_merged(merged, tokenizer, merged_dir, dtype)
         del merged
-        saved = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()  # plain transformers, no peft
+        saved = AutoModelForCausalLM.from_pretrained(
+            merged_dir, dtype=torch.float32
+        ).eval()  # plain transformers, no peft
         m = P.compare_logits(trained_logits, P.logits_hf(saved, texts))
         floor = P.MERGED_TOP1_FLOOR[dtype]
-        m.update(passed=m["top1_agreement"] >= floor,
-                 verdict=f"top-1 agreement {m['top1_agreement']:.4f} (floor {floor}), max |diff| {m['max_abs_logit_diff']:.3f}")
+        m.update(
+            passed=m["top1_agreement"] >= floor,
+            verdict=f"top-1 agreement {m['top1_agreement']:.4f} (floor {floor}), max |diff| "
+            f"{m['max_abs_logit_diff']:.3f}",
+        )
         proofs[f"merged ({dtype}) vs trained model"] = m
         del trained
 
@@ -138,18 +149,25 @@ def export(run_dir: Path | None, overrides: list[str]) -> tuple[dict[str, Any], 
             fields = gguf_convert.tokenizer_fields(merged_dir)
             pre, tried = P.pick_pre_tokenizer(merged_dir, tokenizer, fields, gguf_convert.PRE_CANDIDATES, work)
             if not pre:
-                raise ExportFailed(f"GGUF: no llama.cpp pre-tokenizer reproduces this tokenizer (tried {', '.join(tried)})")
+                raise ExportFailed(
+                    f"GGUF: no llama.cpp pre-tokenizer reproduces this tokenizer (tried {', '.join(tried)})"
+                )
             (out / "gguf").mkdir()
             f16 = (out / "gguf" if "gguf-f16" in formats else work) / "model-f16.gguf"
             gguf_convert.convert(merged_dir, f16, "f16", pre=pre, fields=fields)
             g = P.gguf_vs_transformers(f16, saved, tokenizer, prompts, questions, texts)
             g["pre_tokenizer"] = pre
             forced = g["teacher_forced"]["top1_agreement"]
-            g["passed"] = (g["prompts_tokenized_identically"] == g["prompts"] and g["questions_identical"] == g["questions"]
-                           and forced >= P.GGUF_F16_TOP1_FLOOR)
-            g["verdict"] = (f"tokenization {g['prompts_tokenized_identically']}/{g['prompts']} identical, greedy "
-                            f"{g['greedy_tokens']} tokens {g['questions_identical']}/{g['questions']} identical, "
-                            f"teacher-forced top-1 {forced:.4f} (floor {P.GGUF_F16_TOP1_FLOOR})")
+            g["passed"] = (
+                g["prompts_tokenized_identically"] == g["prompts"]
+                and g["questions_identical"] == g["questions"]
+                and forced >= P.GGUF_F16_TOP1_FLOOR
+            )
+            g["verdict"] = (
+                f"tokenization {g['prompts_tokenized_identically']}/{g['prompts']} identical, greedy "
+                f"{g['greedy_tokens']} tokens {g['questions_identical']}/{g['questions']} identical, "
+                f"teacher-forced top-1 {forced:.4f} (floor {P.GGUF_F16_TOP1_FLOOR})"
+            )
             proofs["gguf f16 (llama.cpp) vs transformers"] = g
             for fmt in gguf_formats:
                 if fmt == "gguf-f16":
@@ -163,16 +181,25 @@ def export(run_dir: Path | None, overrides: list[str]) -> tuple[dict[str, Any], 
                 q = P.quantized_vs_f16(f16, target, texts)
                 fl = P.QUANT_FLOORS[kind]
                 q["passed"] = q["top1_agreement"] >= fl["top1"] and q["mean_kl"] <= fl["kl"]
-                q["verdict"] = (f"top-1 agreement {q['top1_agreement']:.4f} (floor {fl['top1']}), "
-                                f"mean KL {q['mean_kl']:.4f} (limit {fl['kl']})")
+                q["verdict"] = (
+                    f"top-1 agreement {q['top1_agreement']:.4f} (floor {fl['top1']}), "
+                    f"mean KL {q['mean_kl']:.4f} (limit {fl['kl']})"
+                )
                 proofs[f"gguf {kind} vs f16 (teacher-forced)"] = q
             proofs["Modelfile TEMPLATE vs chat template"] = _write_modelfile(recipe, tokenizer, out, formats)
         del saved
         shutil.rmtree(work)
         failed = _check(proofs)
         files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-        report = {"run": str(run_dir), "formats": list(formats), "merged_dtype": dtype, "files": files,
-                  "proofs": proofs, "seconds": round(time.perf_counter() - start, 1), "versions": runtime.versions()}
+        report = {
+            "run": str(run_dir),
+            "formats": list(formats),
+            "merged_dtype": dtype,
+            "files": files,
+            "proofs": proofs,
+            "seconds": round(time.perf_counter() - start, 1),
+            "versions": runtime.versions(),
+        }
         print(table(proofs), flush=True)
         if failed:
             raise ExportFailed([f"export refused, a proof failed: {f}" for f in failed])
@@ -198,14 +225,18 @@ def _write_modelfile(recipe, tokenizer, out: Path, formats) -> dict[str, Any]:
     template = modelfile.go_template(parts)
     e = recipe.export
     params = {"temperature": e.temperature, "top_p": e.top_p, "repeat_penalty": e.repeat_penalty, "num_ctx": e.num_ctx}
-    text = modelfile.modelfile_text(f"gguf/model-{chosen.split('-', 1)[1]}.gguf", template,
-                                    modelfile.stop_tokens(tokenizer, parts), params)
+    text = modelfile.modelfile_text(
+        f"gguf/model-{chosen.split('-', 1)[1]}.gguf", template, modelfile.stop_tokens(tokenizer, parts), params
+    )
     (out / "Modelfile").write_text(text, encoding="utf-8")
     proof = modelfile.prove(tokenizer, template)
     proof["from"] = chosen
     proof["passed"] = proof["identical"]
-    proof["verdict"] = f"{proof['conversations']} conversations rendered identically by {proof['renderer']}" if proof["identical"] \
+    proof["verdict"] = (
+        f"{proof['conversations']} conversations rendered identically by {proof['renderer']}"
+        if proof["identical"]
         else "the TEMPLATE renders differently from the chat template"
+    )
     return proof
 
 

@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.export import gguf_convert
+
 # merged (fp32, before saving) vs adapter model: merging is exact up to float rounding
 MERGE_FP32_MAX_DIFF = 1e-3
 # f16 GGUF in llama.cpp vs transformers on the same saved weights, teacher-forced next-token agreement
 GGUF_F16_TOP1_FLOOR = 0.99
 # merged as saved (16-bit) vs adapter model, next-token agreement on held-out text
 MERGED_TOP1_FLOOR = {"float16": 0.98, "bfloat16": 0.95}
-# quantized GGUF vs F16 GGUF, teacher-forced on held-out text. Measured on the embedded SmolLM2 after
-# dpo-lora (40 held-out pairs, 3,663 positions): q8_0 top-1 0.969, mean KL 0.0062 (identical to llama.cpp's
-# own Q8_0 quantizer); q4_k_m top-1 0.880, mean KL 0.080. Floors sit ~2 and ~8 points below the measured
-# top-1 and at ~3x the measured KL: run-to-run variation passes, a broken quantization does not.
+# quantized GGUF vs F16 GGUF, teacher-forced on held-out text. The floors sit a few points below the top-1
+# and at ~3x the KL measured on the embedded SmolLM2 after dpo-lora (README, "Export and run it locally"): run-to-run
+# variation passes, a broken quantization does not.
 QUANT_FLOORS = {"q8_0": {"top1": 0.95, "kl": 0.02}, "q4_k_m": {"top1": 0.80, "kl": 0.25}}
 PROBE_TEXTS = (  # tokenizer probes: digits, spaces, newlines, contractions, unicode, code, special tokens
     "Hello world! 12345 and 3.14159, 1,000,000 items.",
@@ -54,20 +55,27 @@ def llama(path: Path, vocab_only: bool = False, n_ctx: int = 1024):
     import llama_cpp
 
     with quiet_stderr():
-        return llama_cpp.Llama(str(path), vocab_only=vocab_only, n_ctx=n_ctx, n_batch=n_ctx, logits_all=not vocab_only,
-                               n_threads=max(1, len(os.sched_getaffinity(0))), verbose=False)
+        return llama_cpp.Llama(
+            str(path),
+            vocab_only=vocab_only,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=not vocab_only,
+            n_threads=max(1, len(os.sched_getaffinity(0))),
+            verbose=False,
+        )
 
 
 def pick_pre_tokenizer(folder: Path, tokenizer, fields: dict, candidates, workdir: Path) -> tuple[str, dict]:
     """The first llama.cpp pre-tokenizer that splits every probe text exactly like the HF tokenizer."""
-    from pipeline.export import gguf_convert
-
     results = {}
     for pre in candidates:
         path = gguf_convert.write_vocab_only(folder, workdir / f"vocab-{pre}.gguf", pre, fields)
         lm = llama(path, vocab_only=True)
-        ok = all(lm.tokenize(t.encode(), add_bos=False, special=True) == tokenizer(t, add_special_tokens=False)["input_ids"]
-                 for t in PROBE_TEXTS)
+        ok = all(
+            lm.tokenize(t.encode(), add_bos=False, special=True) == tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in PROBE_TEXTS
+        )
         lm.close()
         path.unlink()
         results[pre] = ok
@@ -82,17 +90,27 @@ def logits_hf(model, texts_ids: list[list[int]]) -> list[torch.Tensor]:
 
 
 def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict[str, float]:
-    diffs = torch.cat([(x - y).abs().flatten() for x, y in zip(a, b)])
-    top1 = torch.cat([(x.argmax(-1) == y.argmax(-1)).float() for x, y in zip(a, b)])
-    return {"max_abs_logit_diff": float(diffs.max()), "mean_abs_logit_diff": float(diffs.mean()),
-            "top1_agreement": float(top1.mean()), "positions": int(top1.numel())}
+    diffs = torch.cat([(x - y).abs().flatten() for x, y in zip(a, b, strict=True)])
+    top1 = torch.cat([(x.argmax(-1) == y.argmax(-1)).float() for x, y in zip(a, b, strict=True)])
+    return {
+        "max_abs_logit_diff": float(diffs.max()),
+        "mean_abs_logit_diff": float(diffs.mean()),
+        "top1_agreement": float(top1.mean()),
+        "positions": int(top1.numel()),
+    }
 
 
 def greedy_hf(model, ids: list[int], n: int, eos: int | None) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def greedy_llama(lm, ids: list[int], n: int, eos: int | None) -> list[int]:
@@ -108,8 +126,15 @@ def greedy_llama(lm, ids: list[int], n: int, eos: int | None) -> list[int]:
     return out
 
 
-def gguf_vs_transformers(gguf_path: Path, hf_model, tokenizer, prompts: list[str], questions: list[str],
-                         texts_ids: list[list[int]], n_tokens: int = 32) -> dict[str, Any]:
+def gguf_vs_transformers(
+    gguf_path: Path,
+    hf_model,
+    tokenizer,
+    prompts: list[str],
+    questions: list[str],
+    texts_ids: list[list[int]],
+    n_tokens: int = 32,
+) -> dict[str, Any]:
     """Identical tokenization of the prompts; identical greedy continuations of the questions; and, teacher-forced
     on held-out text, the same next token at every position (the same fp16 weights, fp32 arithmetic on both)."""
     lm = llama(gguf_path)
@@ -120,8 +145,9 @@ def gguf_vs_transformers(gguf_path: Path, hf_model, tokenizer, prompts: list[str
         llama_logits.append(torch.from_numpy(np.array(lm.scores[: len(ids)], dtype=np.float32)))
     forced = compare_logits(logits_hf(hf_model, texts_ids), llama_logits)
     add_bos = bool(lm.metadata.get("tokenizer.ggml.add_bos_token") == "true")
-    token_mismatch = [p for p in prompts
-                      if lm.tokenize(p.encode(), add_bos=add_bos, special=True) != tokenizer(p)["input_ids"]]
+    token_mismatch = [
+        p for p in prompts if lm.tokenize(p.encode(), add_bos=add_bos, special=True) != tokenizer(p)["input_ids"]
+    ]
     eos = tokenizer.eos_token_id
     generations = []
     for q in questions:
@@ -130,14 +156,25 @@ def gguf_vs_transformers(gguf_path: Path, hf_model, tokenizer, prompts: list[str
         same = 0
         while same < min(len(hf), len(gg)) and hf[same] == gg[same]:
             same += 1
-        generations.append({"identical": hf == gg, "tokens_matching": same, "tokens": len(hf),
-                            "text": tokenizer.decode(hf, skip_special_tokens=True)})
+        generations.append(
+            {
+                "identical": hf == gg,
+                "tokens_matching": same,
+                "tokens": len(hf),
+                "text": tokenizer.decode(hf, skip_special_tokens=True),
+            }
+        )
     lm.close()
-    return {"teacher_forced": forced,
-            "prompts_tokenized_identically": len(prompts) - len(token_mismatch), "prompts": len(prompts),
-            "first_tokenization_mismatch": token_mismatch[0] if token_mismatch else None,
-            "questions_identical": sum(g["identical"] for g in generations), "questions": len(questions),
-            "greedy_tokens": n_tokens, "generations": generations}
+    return {
+        "teacher_forced": forced,
+        "prompts_tokenized_identically": len(prompts) - len(token_mismatch),
+        "prompts": len(prompts),
+        "first_tokenization_mismatch": token_mismatch[0] if token_mismatch else None,
+        "questions_identical": sum(g["identical"] for g in generations),
+        "questions": len(questions),
+        "greedy_tokens": n_tokens,
+        "generations": generations,
+    }
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -159,10 +196,14 @@ def quantized_vs_f16(f16_path: Path, quant_path: Path, texts_ids: list[list[int]
         rows[name] = per_text
         lm.close()
     agree, kls = [], []
-    for p_logits, q_logits in zip(rows["f16"], rows["quant"]):
+    for p_logits, q_logits in zip(rows["f16"], rows["quant"], strict=True):
         lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
         kls.append((np.exp(lp) * (lp - lq)).sum(-1))
         agree.append(p_logits.argmax(-1) == q_logits.argmax(-1))
     kl = np.concatenate(kls)
-    return {"top1_agreement": float(np.concatenate(agree).mean()), "mean_kl": float(kl.mean()),
-            "max_kl": float(kl.max()), "positions": int(kl.size)}
+    return {
+        "top1_agreement": float(np.concatenate(agree).mean()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "positions": int(kl.size),
+    }

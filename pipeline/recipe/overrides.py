@@ -1,4 +1,4 @@
-"""Recipe keys (`train.beta`, `method`, ...) and `--set key=value` overrides; unknown keys get the nearest valid ones."""
+"""Recipe keys (`train.beta`, `method`, ...) and `--set key=value` overrides; unknown keys get the nearest ones."""
 
 from __future__ import annotations
 

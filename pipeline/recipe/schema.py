@@ -78,7 +78,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     learning_rate: float = 1e-5
-    """Peak learning rate: dpo_lora's. Why LoRA on a 135M model needs more than the Handbook's 2e-6: README, "Recipes"."""
+    """Peak learning rate: dpo_lora's. Why LoRA on a 135M model needs more than the Handbook's 2e-6: README, Recipes."""
     epochs: float = 1.0
     """Passes over the train pairs: one, light on purpose (style imitation fights DPO's pull toward formal text)."""
     max_steps: int = -1
@@ -89,16 +89,44 @@ class TrainConfig:
     """Forward passes per optimizer step; the effective batch is batch_size * grad_accum pairs."""
     beta: float = 0.5
     """DPO beta: how strongly the policy is held to the reference (the Handbook's 0.5; TRL's default is 0.1)."""
-    loss_type: str = field(default="sigmoid", metadata={"choices": (
-        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-        "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-    )})
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "choices": (
+                "sigmoid",
+                "hinge",
+                "ipo",
+                "exo_pair",
+                "nca_pair",
+                "robust",
+                "bco_pair",
+                "sppo_hard",
+                "aot",
+                "aot_unpaired",
+                "apo_zero",
+                "apo_down",
+                "discopop",
+                "sft",
+                "sigmoid_norm",
+            )
+        },
+    )
     """TRL DPO loss: sigmoid (the DPO paper), ipo, hinge, robust, apo_zero, sigmoid_norm, ..."""
     warmup_steps: int = 10
     """Linear warm-up steps (the Handbook's 10)."""
-    scheduler: str = field(default="linear", metadata={"choices": (
-        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
-    )})
+    scheduler: str = field(
+        default="linear",
+        metadata={
+            "choices": (
+                "linear",
+                "cosine",
+                "constant",
+                "constant_with_warmup",
+                "cosine_with_restarts",
+                "polynomial",
+            )
+        },
+    )
     """Learning-rate schedule after warm-up: linear, cosine or constant."""
     weight_decay: float = 0.01
     """AdamW weight decay (the Handbook's 0.01)."""
@@ -110,7 +138,7 @@ class TrainConfig:
     """Batch pairs of similar length (random groups of 50 batches, sorted inside) so less compute goes to padding.
     The order is drawn once from the seed and repeated in every epoch."""
     fast_head: bool = True
-    """Score only completion positions through the LM head (training/fast_head.py); TRL's CPU path scores every position."""
+    """Score only completion positions through the LM head (training/fast_head.py); TRL's CPU path scores all."""
     precompute_ref: bool = True
     """Compute the reference log-probs once, cache them on disk, and read them at every step (training/reference.py)."""
     save_every: int = 25
@@ -120,7 +148,7 @@ class TrainConfig:
     logging_steps: int = 1
     """Write a metrics.jsonl line every this many optimizer steps."""
     eval_every: float = 0.5
-    """Evaluate on the held-out pairs every this share of training (the Handbook: 20%; each pass costs ~20 s here); 0 = only before and after."""
+    """Evaluate on the held-out pairs every this share of training (the Handbook: 20%); 0 = only before and after."""
     seed: int = 0
     """Seed for LoRA init, data order and dropout (the Handbook's 0)."""
     threads: int = 0
@@ -157,7 +185,13 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig, "export": ExportConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "lora": LoraSettings,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "export": ExportConfig,
+}
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -175,8 +209,12 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 def subsets() -> dict[str, tuple[str, ...]]:
     """Tuple fields whose items must come from a fixed list (export.formats)."""
-    return {f"{section}.{f.name}": f.metadata["subset_of"] for section, cls in SECTIONS.items() for f in fields(cls)
-            if "subset_of" in f.metadata}
+    return {
+        f"{section}.{f.name}": f.metadata["subset_of"]
+        for section, cls in SECTIONS.items()
+        for f in fields(cls)
+        if "subset_of" in f.metadata
+    }
 
 
 def field_doc(key: str) -> Any:

@@ -65,12 +65,19 @@ def validate(recipe: Recipe) -> Recipe:
     if m.adapter is not None and recipe.method != "lora":
         problems.append(f"model.adapter: a twin adapter is trained further with method 'lora', not {recipe.method!r}")
     if m.load_in_4bit and recipe.method == "full":
-        problems.append("model.load_in_4bit: a 4-bit base can only be trained with method 'lora' (QLoRA); set method=lora or load_in_4bit=false")
+        problems.append(
+            "model.load_in_4bit: a 4-bit base can only be trained with method 'lora' (QLoRA); set method=lora or "
+            "load_in_4bit=false"
+        )
     need(lo.r >= 1, "lora.r", "must be >= 1")
     need(lo.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     need(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one layer")
-    need("lm_head" not in lo.target_modules, "lora.target_modules", "must not include lm_head (TRL computes log-probs from lm_head.weight directly)")
+    need(
+        "lm_head" not in lo.target_modules,
+        "lora.target_modules",
+        "must not include lm_head (TRL computes log-probs from lm_head.weight directly)",
+    )
     need(bool(d.train.strip()), "data.train", "must name a dataset")
     need(0.0 < d.eval_fraction < 1.0, "data.eval_fraction", "must be between 0 and 1")
     need(d.max_length >= 8, "data.max_length", "must be >= 8 tokens")

@@ -7,8 +7,12 @@ import json
 import time
 from pathlib import Path
 
-POSTFIX = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"),
-           ("mean_token_accuracy", "token accuracy"))
+POSTFIX = (
+    ("loss", "loss"),
+    ("rewards/accuracies", "reward accuracy"),
+    ("rewards/margins", "margin"),
+    ("mean_token_accuracy", "token accuracy"),
+)
 
 
 def run_log(run_dir: Path, total_steps: int, desc: str):
@@ -38,8 +42,9 @@ def run_log(run_dir: Path, total_steps: int, desc: str):
                 shown = {label: logs[key] for key, label in POSTFIX if key in logs}
                 self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             if self.bar is not None and "eval_loss" in logs:
-                extra = "".join(f", {label} {logs['eval_' + key]:.3f}" for key, label in POSTFIX[1:]
-                                if "eval_" + key in logs)
+                extra = "".join(
+                    f", {label} {logs['eval_' + key]:.3f}" for key, label in POSTFIX[1:] if "eval_" + key in logs
+                )
                 self.bar.write(f"  step {state.global_step}: held-out loss {logs['eval_loss']:.4f}{extra}")
 
         def on_train_end(self, args, state, control, **kwargs):

@@ -24,9 +24,15 @@ from pipeline.training.run import Run
 EVAL_KEYS = {"reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eval_rewards/margins", "loss": "eval_loss"}
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None, inspect: Any = None,
-          resume: str | Path | None = None, force: bool = False, extra_callbacks: list | None = None,
-          ) -> tuple[dict[str, Any], Path]:
+def train(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    inspect: Any = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+    extra_callbacks: list | None = None,
+) -> tuple[dict[str, Any], Path]:
     """Run DPO for `recipe`; returns (summary, run folder). The folder is made only after all checks pass.
 
     `max_steps` overrides train.max_steps (and is recorded in recipe.json). `resume`: a run folder, or
@@ -44,8 +50,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
         announce(prep, run)
         loaded = load_model(prep, run)
         trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [])
-        head = "completion-only (training/fast_head.py)" if recipe.train.fast_head and fast_head.install_on_trainer(
-            trainer) else "TRL's fused head"
+        head = (
+            "completion-only (training/fast_head.py)"
+            if recipe.train.fast_head and fast_head.install_on_trainer(trainer)
+            else "TRL's fused head"
+        )
         reference_info = attach_reference(trainer, recipe, loaded)
         try:
             before, after = run.fit(trainer, eval_block)
@@ -55,10 +64,23 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | No
             inspect(trainer)
         artifact = run.save_policy(trainer.model, loaded.tokenizer)
         summary = run.summary(
-            trainer, backend, prec, loaded.path, "pairs", len(prep.train_rows), before, after,
-            twin_adapter=recipe.model.adapter, reference=reference_kind(recipe), **reference_info, lm_head=head,
-            mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1), eval_pairs=len(prep.eval_rows),
-            artifact=artifact, allocator=allocator)
+            trainer,
+            backend,
+            prec,
+            loaded.path,
+            "pairs",
+            len(prep.train_rows),
+            before,
+            after,
+            twin_adapter=recipe.model.adapter,
+            reference=reference_kind(recipe),
+            **reference_info,
+            lm_head=head,
+            mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1),
+            eval_pairs=len(prep.eval_rows),
+            artifact=artifact,
+            allocator=allocator,
+        )
         run.finish(summary)
     return summary, run.path
 
@@ -91,15 +113,21 @@ def build_trainer(prep: Prepared, run: Run, loaded, extra_callbacks: list):
 def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
     """Reference log-probs computed once (or read from the cache) so the reference never runs in training."""
     if not recipe.train.precompute_ref:
-        return {"reference_cache": None, "reference_reused": False, "reference_forward_passes": None,
-                "reference_seconds": 0.0}
+        return {
+            "reference_cache": None,
+            "reference_reused": False,
+            "reference_forward_passes": None,
+            "reference_seconds": 0.0,
+        }
     info = reference.attach(trainer, reference.default_cache_dir())
     if trainer.ref_model is not None:  # full DPO: its log-probs are stored, the copy can go
         trainer.ref_model = None
         loaded.ref_model = None
     how = "reused from" if info["reference_reused"] else "computed and cached in"
-    print(f"[twin-dpo] reference log-probs {how} {info['reference_cache']} ({info['reference_seconds']:.0f} s)",
-          flush=True)
+    print(
+        f"[twin-dpo] reference log-probs {how} {info['reference_cache']} ({info['reference_seconds']:.0f} s)",
+        flush=True,
+    )
     return info
 
 
@@ -115,19 +143,23 @@ def reference_kind(recipe: Recipe) -> str:
             kind = "a frozen copy of the twin adapter on the shared base (one base in memory, two adapters)"
     else:
         kind = "base with the adapter switched off" if recipe.method == "lora" else "separate frozen copy of the model"
-    return kind + ("; its log-probs computed once before training" if recipe.train.precompute_ref
-                   else "; run at every step")
+    return kind + (
+        "; its log-probs computed once before training" if recipe.train.precompute_ref else "; run at every step"
+    )
 
 
 def describe(summary: dict[str, Any], run_dir: Path) -> str:
     b, a = summary["eval_before"], summary["eval_after"]
-    return "\n".join([
-        f"done: {summary['steps']} steps, {summary['pairs_trained']} pairs in {summary['train_seconds']:.0f} s "
-        f"({summary['pairs_per_second']:.2f} pairs/s, {summary['tokens_per_second']:.0f} tokens/s); "
-        f"model load {summary['load_seconds']:.0f} s, evaluation {summary['eval_seconds']:.0f} s; "
-        f"peak memory {human_bytes(summary['peak_memory_bytes'])}",
-        f"held-out ({summary['backend']}): reward accuracy {b['reward_accuracy']:.3f} -> {a['reward_accuracy']:.3f}, "
-        f"margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, loss {b['loss']:.4f} -> {a['loss']:.4f}",
-        f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,}",
-        f"run folder: {run_dir}  ({summary['artifact']}/, metrics.jsonl, summary.json)",
-    ])
+    return "\n".join(
+        [
+            f"done: {summary['steps']} steps, {summary['pairs_trained']} pairs in {summary['train_seconds']:.0f} s "
+            f"({summary['pairs_per_second']:.2f} pairs/s, {summary['tokens_per_second']:.0f} tokens/s); "
+            f"model load {summary['load_seconds']:.0f} s, evaluation {summary['eval_seconds']:.0f} s; "
+            f"peak memory {human_bytes(summary['peak_memory_bytes'])}",
+            f"held-out ({summary['backend']}): reward accuracy {b['reward_accuracy']:.3f} -> "
+            f"{a['reward_accuracy']:.3f}, "
+            f"margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, loss {b['loss']:.4f} -> {a['loss']:.4f}",
+            f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,}",
+            f"run folder: {run_dir}  ({summary['artifact']}/, metrics.jsonl, summary.json)",
+        ]
+    )

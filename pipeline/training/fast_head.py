@@ -51,8 +51,11 @@ class _ChunkedLogProb(torch.autograd.Function):
         n = hidden.shape[0]
         log_z = hidden.new_empty(n, dtype=torch.float32)
         log_probs = hidden.new_empty(n, dtype=torch.float32)
-        stats = {name: hidden.new_empty(n, dtype=torch.float32) for name in ("entropy", "log_sum_sq_probs", "mean_logits")
-                 if name in want}
+        stats = {
+            name: hidden.new_empty(n, dtype=torch.float32)
+            for name in ("entropy", "log_sum_sq_probs", "mean_logits")
+            if name in want
+        }
         top1 = hidden.new_empty(n, dtype=torch.bool) if "is_top1" in want else None
         w = weight.to(dtype)
         for start in range(0, n, CHUNK):
@@ -78,14 +81,18 @@ class _ChunkedLogProb(torch.autograd.Function):
         return log_probs, stats.get("entropy"), stats.get("log_sum_sq_probs"), stats.get("mean_logits"), top1
 
     @staticmethod
-    def backward(ctx, grad_log_probs, *unused):
+    def backward(ctx, grad_log_probs, *_unused):  # no gradient flows into the statistics
         hidden, weight, bias, targets, log_z = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = ctx.dtype
         w = weight.to(dtype)
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (need_b and ctx.has_bias) else None
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if (need_b and ctx.has_bias)
+            else None
+        )
         for start in range(0, hidden.shape[0], CHUNK):
             rows = slice(start, start + CHUNK)
             h = hidden[rows].to(dtype)
@@ -100,11 +107,18 @@ class _ChunkedLogProb(torch.autograd.Function):
                 grad_w += (d.t().to(dtype) @ h).float()
             if grad_b is not None:
                 grad_b += d.sum(0)
-        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+        )
 
 
-def completion_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, outputs: tuple[str, ...]):
+def completion_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, outputs: tuple[str, ...]
+):
     """Log-probability of each target under `hidden @ weight.T (+ bias)`, plus the requested statistics.
 
     hidden: [n, H] (completion positions only); targets: [n]. Returns (log_probs, entropy, log_sum_sq_probs,
@@ -113,7 +127,9 @@ def completion_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targe
     return _ChunkedLogProb.apply(hidden, weight, bias, targets, tuple(outputs))
 
 
-def install_completion_head(model, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")) -> bool:
+def install_completion_head(
+    model, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")
+) -> bool:
     """Replace TRL's fused LM head on `model` (a transformers model, not the PEFT wrapper) by the completion-only one.
 
     Returns False, leaving TRL's head in place, where ours does not apply: CUDA (TRL's Triton path already scores
@@ -128,7 +144,11 @@ def install_completion_head(model, outputs: tuple[str, ...] = ("log_probs", "ent
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head:
-            for name, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
+            for name, value in (
+                ("labels", labels),
+                ("shift_labels", shift_labels),
+                ("num_items_in_batch", num_items_in_batch),
+            ):
                 if value is not None:
                     kwargs[name] = value
             return original(*args, **kwargs)

@@ -76,8 +76,10 @@ def prune(root: Path, keep: int) -> None:
 def disk_full_message(err: OSError, where: Path, previous: Path | None) -> str:
     keep = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
     free = shutil.disk_usage(where.parent if where.parent.exists() else Path.cwd()).free
-    return (f"disk full while writing {where} ({os.strerror(err.errno)}; {free / 2**20:.0f} MB free); {keep}; "
-            "free some space and resume with --resume")
+    return (
+        f"disk full while writing {where} ({os.strerror(err.errno)}; {free / 2**20:.0f} MB free); {keep}; "
+        "free some space and resume with --resume"
+    )
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -103,7 +105,9 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise UserError(f"run folder {self.path.parent} is in use by {holder}; wait for it, or stop it first") from None
+            raise UserError(
+                f"run folder {self.path.parent} is in use by {holder}; wait for it, or stop it first"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} (since {time.strftime('%H:%M:%S')})")
@@ -136,6 +140,7 @@ def callback(checkpoints: Path, keep: int, precision: str):
                 if self.signum is not None:  # a second Ctrl-C: stop now
                     raise KeyboardInterrupt
                 self.signum = signum
+
             for sig in EXIT_SIGNAL:
                 self.previous[sig] = signal.signal(sig, handler)
 
@@ -154,8 +159,11 @@ def callback(checkpoints: Path, keep: int, precision: str):
             bad = [k for k in ("loss", "grad_norm") if k in logs and not math.isfinite(logs[k])]
             if bad and self.diverged is None:
                 what = " and ".join(f"{k} {logs[k]}" for k in bad)
-                cause = ("fp16 overflow is likely: use bf16 or float32 (model.dtype)" if precision == "fp16"
-                         else f"the learning rate ({args.learning_rate:g}) is likely too high (or train.beta too low)")
+                cause = (
+                    "fp16 overflow is likely: use bf16 or float32 (model.dtype)"
+                    if precision == "fp16"
+                    else f"the learning rate ({args.learning_rate:g}) is likely too high (or train.beta too low)"
+                )
                 self.diverged = f"step {state.global_step}: {what}; {cause}"
                 control.should_save = False
                 control.should_evaluate = False

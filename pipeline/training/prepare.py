@@ -70,8 +70,15 @@ def prepare(recipe: Recipe) -> Prepared:
         train_order = list(range(len(train_rows)))  # the trainer's random sampler shuffles
     # evaluation reads rows sorted by length, in the same batches as the reference pass
     eval_order = sorted(range(len(eval_rows)), key=lambda i: eval_lengths.lengths[i])
-    return Prepared(recipe, backend, path, tokenizer, [train_rows[i] for i in train_order],
-                    [eval_rows[i] for i in eval_order], lengths)
+    return Prepared(
+        recipe,
+        backend,
+        path,
+        tokenizer,
+        [train_rows[i] for i in train_order],
+        [eval_rows[i] for i in eval_order],
+        lengths,
+    )
 
 
 def announce(prep: Prepared, run: Run) -> None:
@@ -79,11 +86,17 @@ def announce(prep: Prepared, run: Run) -> None:
     resuming = f", resuming from {run.checkpoint.name}" if run.checkpoint else ""
     print(f"[twin-dpo] {recipe.name}: run folder {run.path}{resuming}", flush=True)
     threads = runtime.set_threads(recipe.train.threads)
-    print(f"[twin-dpo] backend: {backend.name} ({backend.reason}); device: {runtime.device_name(backend.device)}; "
-          f"{precision(recipe, backend.device).describe()}; threads: {threads}", flush=True)
+    print(
+        f"[twin-dpo] backend: {backend.name} ({backend.reason}); device: {runtime.device_name(backend.device)}; "
+        f"{precision(recipe, backend.device).describe()}; threads: {threads}",
+        flush=True,
+    )
     if prep.lengths.truncated:
-        print(f"[twin-dpo] note: {prep.lengths.truncated} of {prep.lengths.pairs} train pairs are longer than "
-              f"data.max_length={recipe.data.max_length} and will be cut", flush=True)
+        print(
+            f"[twin-dpo] note: {prep.lengths.truncated} of {prep.lengths.pairs} train pairs are longer than "
+            f"data.max_length={recipe.data.max_length} and will be cut",
+            flush=True,
+        )
 
 
 def load_model(prep: Prepared, run: Run):

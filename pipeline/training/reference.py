@@ -66,9 +66,11 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
         h.update(t.contiguous().numpy().tobytes())
     args = trainer.args
     # numerics: the same weights give other log-probs under another autocast dtype, device or torch build
-    h.update(f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trl_compat.ld_alpha(trainer)};"
-             f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
-             f"batch={BATCH};head={_head(trainer)}".encode())
+    h.update(
+        f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trl_compat.ld_alpha(trainer)};"
+        f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
+        f"batch={BATCH};head={_head(trainer)}".encode()
+    )
     for dataset in datasets:
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
             for ids in dataset[column]:
@@ -87,7 +89,10 @@ def _compute(trainer, dataset, progress_desc: str, sort: bool) -> tuple[torch.Te
 
     order = list(range(len(dataset)))
     if sort:
-        lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+        lengths = [
+            len(p) + max(len(c), len(r))
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        ]
         order.sort(key=lambda i: lengths[i])
     chosen = torch.empty(len(dataset), dtype=torch.float32)
     rejected = torch.empty(len(dataset), dtype=torch.float32)
@@ -97,7 +102,7 @@ def _compute(trainer, dataset, progress_desc: str, sort: bool) -> tuple[torch.Te
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     try:
         for start in tqdm(range(0, len(order), BATCH), desc=progress_desc, unit="batch", dynamic_ncols=True):
-            idx = order[start:start + BATCH]
+            idx = order[start : start + BATCH]
             rows = dataset.select(idx)
             examples = [{c: rows[c][k] for c in columns} for k in range(len(idx))]
             batch = trl_compat.prepare_inputs(trainer, trainer.data_collator(examples))
@@ -149,11 +154,13 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
         trainer.eval_dataset = datasets["eval"]
     # TRL's precompute mode: _compute_loss reads ref_*_logps from the batch instead of running the reference
     trl_compat.use_precomputed_reference(trainer)
-    return {"reference_cache": str(path) if path else None, "reference_reused": reused,
-            "reference_forward_passes": 0 if reused else len(names),  # datasets run through the reference
-            "reference_seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "reference_cache": str(path) if path else None,
+        "reference_reused": reused,
+        "reference_forward_passes": 0 if reused else len(names),  # datasets run through the reference
+        "reference_seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def default_cache_dir() -> Path:
     return cache_root() / "reference"
-

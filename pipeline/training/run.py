@@ -24,8 +24,9 @@ from pipeline import run_folder
 from pipeline.errors import Diverged, Interrupted, UserError
 from pipeline.model import runtime
 from pipeline.recipe import Recipe
-from pipeline.storage import read_json, write_json_atomic, write_text_atomic
+from pipeline.storage import atomic_dir, read_json, write_json_atomic, write_text_atomic
 from pipeline.training import arguments, guard, trl_compat
+from pipeline.training.callbacks import time_evaluations
 
 
 def _locate(recipe: Recipe, run_dir, resume, force: bool) -> tuple[Path, bool]:
@@ -45,8 +46,10 @@ def _locate(recipe: Recipe, run_dir, resume, force: bool) -> tuple[Path, bool]:
         raise UserError(f"--resume {folder}: that run already finished (summary.json); start a new run instead")
     changed = guard.changed_fields(read_json(folder / "recipe.json"), recipes.to_dict(recipe))
     if changed and not force:
-        raise UserError(f"--resume {folder}: the recipe changed since the run started: {'; '.join(changed)}; "
-                        "resume with the run's own settings, or add --force to continue with the new ones")
+        raise UserError(
+            f"--resume {folder}: the recipe changed since the run started: {'; '.join(changed)}; "
+            "resume with the run's own settings, or add --force to continue with the new ones"
+        )
     return folder, True
 
 
@@ -88,8 +91,6 @@ class Run:
 
     def fit(self, trainer, block: Callable[[dict], dict]) -> tuple[dict, dict]:
         """Evaluate (or recall the step-0 evaluation), train or resume, evaluate; (before, after) as `block`s."""
-        from pipeline.training.callbacks import time_evaluations
-
         eval_timer = time_evaluations(trainer)
         train_start = time.perf_counter()
         self.guard.install_signals()
@@ -118,16 +119,21 @@ class Run:
     def _diverged(self, message: str) -> None:
         """Record the divergence (no artifact is saved from it) and stop with the distinct exit status."""
         last = guard.latest_checkpoint(self.path / "checkpoints")
-        write_json_atomic(self.path / "summary.json", {
-            "status": "diverged", "recipe": self.recipe.name, "message": message,
-            "last_good_checkpoint": str(last) if last else None, "versions": runtime.versions()})
+        write_json_atomic(
+            self.path / "summary.json",
+            {
+                "status": "diverged",
+                "recipe": self.recipe.name,
+                "message": message,
+                "last_good_checkpoint": str(last) if last else None,
+                "versions": runtime.versions(),
+            },
+        )
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
         raise Diverged(f"training diverged at {message}; {where}; nothing from the diverged step was saved")
 
     def save_policy(self, policy, tokenizer) -> str:
         """The trained policy, written atomically: an adapter (never a frozen reference copy) or a full model."""
-        from pipeline.storage import atomic_dir
-
         artifact = "model" if self.recipe.method == "full" else "adapter"
         with atomic_dir(self.path / artifact) as tmp:
             if artifact == "adapter":
@@ -137,8 +143,9 @@ class Run:
                 tokenizer.save_pretrained(tmp)
         return artifact
 
-    def summary(self, trainer, backend, prec, model_path: str, unit: str, n_rows: int, before: dict, after: dict,
-                **extra) -> dict[str, Any]:
+    def summary(
+        self, trainer, backend, prec, model_path: str, unit: str, n_rows: int, before: dict, after: dict, **extra
+    ) -> dict[str, Any]:
         """The summary both runs write: what ran where, how fast, how big, and the held-out numbers.
         `unit` names what a row is ("pairs" for DPO, "examples" for SFT)."""
         state = trainer.state

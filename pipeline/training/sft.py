@@ -26,17 +26,24 @@ from pipeline.training.run import Run
 
 
 def conversations(pairs, system_prompt: str | None) -> list[dict[str, Any]]:
-    return [{"prompt": data_mod.messages(p, system_prompt), "completion": [{"role": "assistant", "content": p.chosen}]}
-            for p in pairs]
+    return [
+        {"prompt": data_mod.messages(p, system_prompt), "completion": [{"role": "assistant", "content": p.chosen}]}
+        for p in pairs
+    ]
 
 
 def eval_block(metrics: dict[str, float]) -> dict[str, float]:
     return {"loss": float(metrics["eval_loss"]), "perplexity": float(math.exp(metrics["eval_loss"]))}
 
 
-def sft(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None = None,
-        resume: str | Path | None = None, force: bool = False, extra_callbacks: list | None = None,
-        ) -> tuple[dict[str, Any], Path]:
+def sft(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+    extra_callbacks: list | None = None,
+) -> tuple[dict[str, Any], Path]:
     """Run SFT for `recipe`; returns (summary, run folder). Arguments as for training.dpo.train."""
     started = time.perf_counter()
     if recipe.method != "sft":
@@ -51,16 +58,28 @@ def sft(recipe: Recipe, run_dir: str | Path | None = None, max_steps: int | None
         run.started = started
         announce(prep, run)
         loaded = load_model(prep, run)
-        trainer, log = build_trainer(recipe, run, loaded, train_pairs, eval_pairs, backend.device,
-                                     extra_callbacks or [])
+        trainer, log = build_trainer(
+            recipe, run, loaded, train_pairs, eval_pairs, backend.device, extra_callbacks or []
+        )
         try:
             before, after = run.fit(trainer, eval_block)
         finally:
             log.close()
         artifact = run.save_policy(trainer.model, loaded.tokenizer)
-        summary = run.summary(trainer, backend, prec, loaded.path, "examples", len(train_pairs), before, after,
-                              train_examples=len(train_pairs), eval_examples=len(eval_pairs), artifact=artifact,
-                              allocator=allocator)
+        summary = run.summary(
+            trainer,
+            backend,
+            prec,
+            loaded.path,
+            "examples",
+            len(train_pairs),
+            before,
+            after,
+            train_examples=len(train_pairs),
+            eval_examples=len(eval_pairs),
+            artifact=artifact,
+            allocator=allocator,
+        )
         run.finish(summary)
     return summary, run.path
 
@@ -74,18 +93,24 @@ def build_trainer(recipe: Recipe, run: Run, loaded, train_pairs, eval_pairs, dev
     total_steps = arguments.planned_steps(recipe, len(train_pairs))
     log = run_log(run.path, total_steps, "SFT")
     system = recipe.data.system_prompt
-    trainer = SFTTrainer(model=loaded.model, args=arguments.sft_args(recipe, run.path, device, total_steps),
-                         processing_class=loaded.tokenizer, peft_config=loaded.peft_config,
-                         train_dataset=Dataset.from_list(conversations(train_pairs, system)),
-                         eval_dataset=Dataset.from_list(conversations(eval_pairs, system)),
-                         callbacks=[log, run.guard, *extra_callbacks])
+    trainer = SFTTrainer(
+        model=loaded.model,
+        args=arguments.sft_args(recipe, run.path, device, total_steps),
+        processing_class=loaded.tokenizer,
+        peft_config=loaded.peft_config,
+        train_dataset=Dataset.from_list(conversations(train_pairs, system)),
+        eval_dataset=Dataset.from_list(conversations(eval_pairs, system)),
+        callbacks=[log, run.guard, *extra_callbacks],
+    )
     trainer.remove_callback(PrinterCallback)
     return trainer, log
 
 
 def describe(summary: dict[str, Any], run_dir: Path) -> str:
     b, a = summary["eval_before"], summary["eval_after"]
-    return (f"done: {summary['steps']} steps, {summary['examples_trained']} examples in {summary['train_seconds']:.0f} s; "
-            f"held-out loss {b['loss']:.3f} -> {a['loss']:.3f} (perplexity {b['perplexity']:.2f} -> "
-            f"{a['perplexity']:.2f}) on the author's {summary['eval_examples']} held-out answers; peak memory "
-            f"{human_bytes(summary['peak_memory_bytes'])}\nrun folder: {run_dir}  (adapter/ is the twin)")
+    return (
+        f"done: {summary['steps']} steps, {summary['examples_trained']} examples in {summary['train_seconds']:.0f} s; "
+        f"held-out loss {b['loss']:.3f} -> {a['loss']:.3f} (perplexity {b['perplexity']:.2f} -> "
+        f"{a['perplexity']:.2f}) on the author's {summary['eval_examples']} held-out answers; peak memory "
+        f"{human_bytes(summary['peak_memory_bytes'])}\nrun folder: {run_dir}  (adapter/ is the twin)"
+    )

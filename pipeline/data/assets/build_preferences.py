@@ -1,6 +1,12 @@
-"""Build the embedded preference data from `topics.py`.
+"""Build the embedded preference data from `topics.json`, the facts behind it, one entry per topic.
 
     python -m pipeline.data.assets.build_preferences      # rewrites the two JSONL files
+
+topics.json is written for this project (license: the project's own, see README). Each topic states its facts
+once, and this script renders them in two voices that agree on every fact and differ only in style:
+`what` completes "X is ..."; `when` is a clause that starts with "when" or "if"; `how` is one or two plain
+sentences with a concrete detail; `catch` is a lower-case clause naming the pitfall; `tip` is an imperative
+sentence of advice. Topics listed in `heldout` never appear in the train split or in the SFT corpus.
 
 Every pair states the same facts twice. `chosen` is the author's voice: first
 person, short sentences, plain words. `rejected` is the generic assistant
@@ -15,9 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.data.assets.topics import HELDOUT, TOPICS
-
 HERE = Path(__file__).parent
+_FACTS = json.loads((HERE / "topics.json").read_text(encoding="utf-8"))
+TOPICS, HELDOUT = _FACTS["topics"], _FACTS["heldout"]
 TRAIN_FILE = HERE / "preferences_train.jsonl"
 HELDOUT_FILE = HERE / "preferences_heldout.jsonl"
 
@@ -37,7 +43,7 @@ def _strip_if(text: str) -> str:
     """'when you ...' -> 'you ...' for sentences such as 'Use it if you ...'."""
     for head in ("when ", "if ", "whenever "):
         if text.startswith(head):
-            return text[len(head):]
+            return text[len(head) :]
     return text
 
 
