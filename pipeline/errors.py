@@ -16,9 +16,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_BUG = 1
-EXIT_CHILD_FAILED = 1
+EXIT_CHILD_FAILED = 1  # a bug keeps its traceback and Python's own exit status 1
 EXIT_USER = 2
 EXIT_DIVERGED = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}

@@ -143,6 +143,18 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("TWIN_DPO_CACHE", str(tmp_path / "cache"))
 
 
+def cli_sets(model_dir: Path, data: dict[str, Path]) -> list[str]:
+    """`--set` arguments pointing a shipped recipe at a tiny model and the small data."""
+    return [
+        "--set",
+        f"model.name_or_path={model_dir}",
+        "--set",
+        f"data.train={data['train']}",
+        "--set",
+        f"data.eval={data['heldout']}",
+    ]
+
+
 def tiny_recipe(model_dir: Path, data: dict[str, Path], **train):
     """The shipped LoRA recipe pointed at a tiny model and small data, fp32 so results do not depend on the CPU."""
     from recipes.dpo_lora import recipe
@@ -154,4 +166,25 @@ def tiny_recipe(model_dir: Path, data: dict[str, Path], **train):
         model=replace(recipe.model, name_or_path=str(model_dir), dtype="float32", max_seq_length=512),
         data=replace(recipe.data, train=str(data["train"]), eval=str(data["heldout"]), max_length=512),
         train=replace(recipe.train, **settings),
+    )
+
+
+def tiny_dpo_trainer(recipe, out_dir: Path):
+    """A trl.DPOTrainer as training/dpo.py builds it for `recipe`, without training."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from pipeline.model import hf
+    from pipeline.training import arguments
+    from pipeline.training.prepare import prepare
+
+    prep = prepare(recipe)
+    loaded = hf.load(recipe, prep.backend, tokenizer=prep.tokenizer)
+    return DPOTrainer(
+        model=loaded.model,
+        args=arguments.dpo_args(recipe, out_dir, "cpu", 4),
+        train_dataset=Dataset.from_list(prep.train_rows),
+        eval_dataset=Dataset.from_list(prep.eval_rows),
+        processing_class=loaded.tokenizer,
+        peft_config=loaded.peft_config,
     )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli_sets
 
 from pipeline import cli
 
@@ -123,42 +124,15 @@ def test_pickle_only_model_folder_is_refused(capsys, tmp_path, tiny_llama):
 
 def test_max_steps_and_run_dir_write_summary(tmp_path, tiny_llama, small_data, capsys):
     run_dir = tmp_path / "D"
-    code = cli.main(
-        [
-            "train",
-            "dpo_lora",
-            "--max-steps",
-            "2",
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            f"model.name_or_path={tiny_llama}",
-            "--set",
-            f"data.train={small_data['train']}",
-            "--set",
-            f"data.eval={small_data['heldout']}",
-            "--set",
-            "model.dtype=float32",
-        ]
-    )
+    argv = ["train", "dpo_lora", "--max-steps", "2", "--run-dir", str(run_dir)]
+    code = cli.main([*argv, *cli_sets(tiny_llama, small_data), "--set", "model.dtype=float32"])
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["status"] == "completed"
     out = capsys.readouterr().out
     assert "held-out (hf): reward accuracy" in out and str(run_dir) in out
     # a finished run folder is not overwritten
-    code = cli.main(
-        [
-            "train",
-            "dpo_lora",
-            "--max-steps",
-            "2",
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            f"model.name_or_path={tiny_llama}",
-        ]
-    )
+    code = cli.main([*argv, "--set", f"model.name_or_path={tiny_llama}"])
     assert code == 2 and "already holds a finished run" in capsys.readouterr().err
 
 

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import tiny_recipe
+from conftest import cli_sets, tiny_recipe
 
 from pipeline import cli
 from pipeline.evaluation import evaluate
 from pipeline.training import dpo as train
-
-
-def _sets(model_dir, data):
-    return [
-        "--set",
-        f"model.name_or_path={model_dir}",
-        "--set",
-        f"data.train={data['train']}",
-        "--set",
-        f"data.eval={data['heldout']}",
-    ]
 
 
 def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path):
@@ -54,7 +43,7 @@ def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path):
 
 def test_compare_quick_version_writes_curves_and_four_rows(tiny_llama, small_data, tmp_path):
     out = tmp_path / "compare"
-    code = cli.main(["compare", "--steps", "2", "--out", str(out), *_sets(tiny_llama, small_data)])
+    code = cli.main(["compare", "--steps", "2", "--out", str(out), *cli_sets(tiny_llama, small_data)])
     assert code == 0
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -82,7 +71,7 @@ def test_sweep_reuses_the_reference_after_the_first_run(tiny_llama, small_data, 
             "2",
             "--out",
             str(out),
-            *_sets(tiny_llama, small_data),
+            *cli_sets(tiny_llama, small_data),
         ]
     )
     assert code == 0

@@ -6,33 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_dpo_trainer, tiny_recipe
 
-from pipeline.training import dpo as train
 from pipeline.training import fast_head as fast
 from pipeline.training import reference
 
 
 def _trainer(tiny_llama, small_data, tmp_path, **overrides):
-    """A DPOTrainer as train.train builds it, without training (fp32)."""
-    from datasets import Dataset
-    from trl import DPOTrainer
-
-    from pipeline.model import hf
-    from pipeline.training import arguments
-
-    recipe = tiny_recipe(tiny_llama, small_data, **overrides)
-    prep = train.prepare(recipe)
-    loaded = hf.load(recipe, prep.backend, tokenizer=prep.tokenizer)
-    args = arguments.dpo_args(recipe, tmp_path, "cpu", 4)
-    return DPOTrainer(
-        model=loaded.model,
-        args=args,
-        train_dataset=Dataset.from_list(prep.train_rows),
-        eval_dataset=Dataset.from_list(prep.eval_rows),
-        processing_class=loaded.tokenizer,
-        peft_config=loaded.peft_config,
-    )
+    return tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data, **overrides), tmp_path)
 
 
 def _batch(trainer, n=4):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import cli_sets, tiny_recipe
 from safetensors.torch import load_file
 
 from pipeline import cli
@@ -38,12 +38,7 @@ def _argv(model, data, extra=(), command="train", recipe="dpo_lora"):
         "--max-steps",
         str(STEPS),
         *(["--no-eval"] if command == "train" else []),
-        "--set",
-        f"model.name_or_path={model}",
-        "--set",
-        f"data.train={data['train']}",
-        "--set",
-        f"data.eval={data['heldout']}",
+        *cli_sets(model, data),
         "--set",
         "model.dtype=float32",
         "--set",
@@ -177,12 +172,7 @@ def test_resume_with_a_changed_recipe_names_the_fields(tiny_llama, small_data, t
         "4",
         "--resume",
         str(run_dir),
-        "--set",
-        f"model.name_or_path={tiny_llama}",
-        "--set",
-        f"data.train={small_data['train']}",
-        "--set",
-        f"data.eval={small_data['heldout']}",
+        *cli_sets(tiny_llama, small_data),
         "--set",
         "model.dtype=float32",
         "--set",

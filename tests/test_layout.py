@@ -48,20 +48,30 @@ def test_imports_point_one_way():
 
 
 def test_no_module_over_400_lines():
-    long = {str(p.relative_to(PIPELINE)): n for p in PIPELINE.rglob("*.py")
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PIPELINE)): n
+        for p in PIPELINE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
     assert long == {}
 
 
 def test_only_the_unsloth_module_imports_unsloth():
-    importers = [str(p.relative_to(PIPELINE)) for p in PIPELINE.rglob("*.py")
-                 if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "unsloth" in ast.unparse(n).split()[1]
-                        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))))]
+    importers = [
+        str(p.relative_to(PIPELINE))
+        for p in PIPELINE.rglob("*.py")
+        if any(
+            isinstance(n, (ast.Import, ast.ImportFrom)) and "unsloth" in ast.unparse(n).split()[1]
+            for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        )
+    ]
     assert importers == ["model/unsloth.py"]
 
 
 def test_recipes_and_the_cli_import_no_torch():
-    code = ("import sys, pipeline.cli, pipeline.recipe as r; r.validate(r.load_recipe('dpo_qlora')); "
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
+    code = (
+        "import sys, pipeline.cli, pipeline.recipe as r; r.validate(r.load_recipe('dpo_qlora')); "
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

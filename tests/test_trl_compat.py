@@ -8,32 +8,14 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_dpo_trainer, tiny_recipe
 
 from pipeline.training import trl_compat
 
 
 @pytest.fixture(scope="module")
 def trainer(tiny_llama, small_data, tmp_path_factory):
-    from datasets import Dataset
-    from trl import DPOTrainer
-
-    from pipeline.model import hf
-    from pipeline.training import arguments
-    from pipeline.training import dpo as train
-
-    recipe = tiny_recipe(tiny_llama, small_data)
-    prep = train.prepare(recipe)
-    loaded = hf.load(recipe, prep.backend, tokenizer=prep.tokenizer)
-    args = arguments.dpo_args(recipe, tmp_path_factory.mktemp("compat"), "cpu", 1)
-    return DPOTrainer(
-        model=loaded.model,
-        args=args,
-        train_dataset=Dataset.from_list(prep.train_rows),
-        eval_dataset=Dataset.from_list(prep.eval_rows),
-        processing_class=loaded.tokenizer,
-        peft_config=loaded.peft_config,
-    )
+    return tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data), tmp_path_factory.mktemp("compat"))
 
 
 def test_prepare_inputs_moves_a_collated_batch(trainer):

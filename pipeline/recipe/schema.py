@@ -7,7 +7,6 @@ This package imports no torch: a typo in a recipe costs a second, not a model lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EXPORT_FORMATS = ("adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
@@ -117,14 +116,7 @@ class TrainConfig:
     scheduler: str = field(
         default="linear",
         metadata={
-            "choices": (
-                "linear",
-                "cosine",
-                "constant",
-                "constant_with_warmup",
-                "cosine_with_restarts",
-                "polynomial",
-            )
+            "choices": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
         },
     )
     """Learning-rate schedule after warm-up: linear, cosine or constant."""
@@ -194,31 +186,17 @@ SECTIONS = {
 }
 
 
+def _declared(kind: str) -> dict[str, tuple[str, ...]]:
+    """Every field whose metadata declares `kind`, by key (`method`, `model.backend`, ...)."""
+    tables = [("", Recipe)] + [(f"{name}.", cls) for name, cls in SECTIONS.items()]
+    return {prefix + f.name: f.metadata[kind] for prefix, cls in tables for f in fields(cls) if kind in f.metadata}
+
+
 def choices() -> dict[str, tuple[str, ...]]:
     """`{"model.backend": ("auto", "hf", "unsloth"), ...}`: the allowed values declared on each field."""
-    out: dict[str, tuple[str, ...]] = {}
-    for f in fields(Recipe):
-        if "choices" in f.metadata:
-            out[f.name] = f.metadata["choices"]
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            if "choices" in f.metadata:
-                out[f"{section}.{f.name}"] = f.metadata["choices"]
-    return out
+    return _declared("choices")
 
 
 def subsets() -> dict[str, tuple[str, ...]]:
     """Tuple fields whose items must come from a fixed list (export.formats)."""
-    return {
-        f"{section}.{f.name}": f.metadata["subset_of"]
-        for section, cls in SECTIONS.items()
-        for f in fields(cls)
-        if "subset_of" in f.metadata
-    }
-
-
-def field_doc(key: str) -> Any:
-    """The dataclass field behind a key such as `train.beta` (for help texts and tests)."""
-    section, _, name = key.rpartition(".")
-    cls = SECTIONS[section] if section else Recipe
-    return next(f for f in fields(cls) if f.name == name)
+    return _declared("subset_of")

@@ -39,14 +39,6 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _strip_if(text: str) -> str:
-    """'when you ...' -> 'you ...' for sentences such as 'Use it if you ...'."""
-    for head in ("when ", "if ", "whenever "):
-        if text.startswith(head):
-            return text[len(head) :]
-    return text
-
-
 # Prompt kinds. Every topic gets the intro request plus three of the others,
 # rotating, so each kind appears across many topics and answer lengths vary.
 INTRO = "Write a paragraph to introduce {name}."
@@ -66,22 +58,10 @@ CHOSEN = {
         "Here is how I explain {name}. It is {what}. You reach for it {when}. Watch out: {catch}. {tip}",
         "I'll keep this plain. {Name} is {what}. I use it {when}. But {catch}. {tip}",
     ],
-    "what": [
-        "{Name} is {what}. {how}",
-        "In short, {name} is {what}. {how}",
-    ],
-    "when": [
-        "Use it {when}. The catch: {catch}. {tip}",
-        "I use it {when}. The catch is that {catch}.",
-    ],
-    "explain": [
-        "I'd put it like this. {Name} is {what}. {how}",
-        "Think of {name} as {what}. I reach for it {when}.",
-    ],
-    "advice": [
-        "{tip} I learned this the hard way: {catch}.",
-        "My advice: {tip_lc} Why? Because {catch}.",
-    ],
+    "what": ["{Name} is {what}. {how}", "In short, {name} is {what}. {how}"],
+    "when": ["Use it {when}. The catch: {catch}. {tip}", "I use it {when}. The catch is that {catch}."],
+    "explain": ["I'd put it like this. {Name} is {what}. {how}", "Think of {name} as {what}. I reach for it {when}."],
+    "advice": ["{tip} I learned this the hard way: {catch}.", "My advice: {tip_lc} Why? Because {catch}."],
     "blog": [
         "I keep coming back to {name}. It is {what}. I use it {when}. It is not free: {catch}.",
         "{Name} matters to me for one reason. It is {what}. The trap is that {catch}. My rule: {tip_lc}",
