@@ -18,7 +18,16 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline.errors import EXIT_CHILD_FAILED, EXIT_DIVERGED, EXIT_USER, Diverged, Interrupted, RunFailed, UserError
+from pipeline.errors import (
+    EXIT_CHILD_FAILED,
+    EXIT_DIVERGED,
+    EXIT_SIGNAL,
+    EXIT_USER,
+    Diverged,
+    Interrupted,
+    RunFailed,
+    UserError,
+)
 from pipeline.experiments.sweep import DEFAULT_GRID
 
 
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CHILD_FAILED
     except KeyboardInterrupt:
         print("twin-dpo: interrupted", file=sys.stderr)
-        return Interrupted(signal.SIGINT, None).exit_status
+        return EXIT_SIGNAL[signal.SIGINT]
 
 
 def entry() -> None:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli_sets
 
+from conftest import cli_sets
 from pipeline import cli
 
 

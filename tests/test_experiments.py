@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from conftest import cli_sets, tiny_recipe
-
 from pipeline import cli
 from pipeline.evaluation import evaluate
 from pipeline.training import dpo as train

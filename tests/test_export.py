@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import needs_llama_cpp, tiny_recipe
 
+from conftest import needs_llama_cpp, tiny_recipe
 from pipeline import cli
 from pipeline.export import gguf_convert
 from pipeline.training import dpo as train

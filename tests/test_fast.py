@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_dpo_trainer, tiny_recipe
 
+from conftest import tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head as fast
 from pipeline.training import reference
 

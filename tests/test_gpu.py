@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_recipe
 
+from conftest import tiny_recipe
 from pipeline.training import dpo as train
 
 pytestmark = [

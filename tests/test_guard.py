@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_sets, tiny_recipe
 from safetensors.torch import load_file
 
+from conftest import cli_sets, tiny_recipe
 from pipeline import cli
 from pipeline.errors import EXIT_DIVERGED, Diverged, UserError
 from pipeline.training import dpo as train

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import CHATML, build_tokenizer
 
+from conftest import CHATML, build_tokenizer
 from pipeline.errors import UserError
 from pipeline.export import modelfile
 

@@ -19,11 +19,11 @@ def shared_cache(tmp_path_factory, monkeypatch):
 
 @pytest.mark.usefixtures("shared_cache")
 def test_embedded_model_converts_once_and_trains(tmp_path):
-    from pipeline.model import paths as model
+    from pipeline.model import paths
 
-    first = model.embedded_model_dir()
+    first = paths.embedded_model_dir()
     assert (first / "config.json").is_file() and (first / "chat_template.jinja").is_file()
-    assert model.embedded_model_dir() == first  # reused, not converted again
+    assert paths.embedded_model_dir() == first  # reused, not converted again
     assert not list(first.parent.glob(".*tmp*")), "no half-written cache left behind"
 
     run_dir = tmp_path / "run"
@@ -63,9 +63,9 @@ def test_embedded_model_chats_with_its_template():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.model import paths as model
+    from pipeline.model import paths
 
-    folder = model.embedded_model_dir()
+    folder = paths.embedded_model_dir()
     tok = AutoTokenizer.from_pretrained(folder)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     prompt = tok.apply_chat_template(

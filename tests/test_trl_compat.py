@@ -8,8 +8,8 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_dpo_trainer, tiny_recipe
 
+from conftest import tiny_dpo_trainer, tiny_recipe
 from pipeline.training import trl_compat
 
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import cli_sets, save_tiny, tiny_recipe
 from safetensors.torch import load_file
 
+from conftest import cli_sets, save_tiny, tiny_recipe
 from pipeline import cli
 from pipeline.training import dpo as train
 from pipeline.training import sft

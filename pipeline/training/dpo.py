@@ -45,10 +45,10 @@ def train(
     prep = prepare(recipe)
     recipe, backend = prep.recipe, prep.backend
     prec = precision(recipe, backend.device)
-    with Run.open(recipe, run_dir, resume, force, prec.autocast) as run:
-        run.started = started
+    with Run.open(recipe, run_dir, resume, force, prec.autocast, started) as run:
         announce(prep, run)
         loaded = load_model(prep, run)
+        run.start_clock()
         trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [])
         head = (
             "completion-only (training/fast_head.py)"

@@ -43,6 +43,8 @@ class Prepared:
     train_rows: list[dict[str, str]]
     eval_rows: list[dict[str, str]]
     lengths: data_mod.LengthReport
+    train_pairs: list[data_mod.Pair]  # the validated pairs in file order (SFT trains on these)
+    eval_pairs: list[data_mod.Pair]
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -78,6 +80,8 @@ def prepare(recipe: Recipe) -> Prepared:
         [train_rows[i] for i in train_order],
         [eval_rows[i] for i in eval_order],
         lengths,
+        train_pairs,
+        eval_pairs,
     )
 
 

@@ -1,7 +1,7 @@
 """One run protocol for DPO and SFT: open (or resume) the run folder under its lock, fit under the guard,
 write the artifact and summary.json atomically.
 
-    with Run.open(recipe, run_dir, resume, force) as run:    # lock; on resume: newest complete checkpoint
+    with Run.open(recipe, run_dir, resume, force, autocast, started) as run:  # lock; pick the checkpoint
         ...build a trainer with run.guard in its callbacks...
         before, after = run.fit(trainer, block)             # signals, divergence, interrupts, resume
         run.save_policy(trainer.model, tokenizer)
@@ -58,9 +58,15 @@ class Run:
     recipe: Recipe
     path: Path
     checkpoint: Path | None  # the complete checkpoint this process resumes from, or None
-    started: float = field(default_factory=time.perf_counter)
+    started: float  # perf_counter when the command began: wall_seconds counts from there
     guard: Any = None  # training/guard.py's callback: give it to the trainer
     timings: dict[str, float] = field(default_factory=dict)
+    train_start: float | None = None  # set by start_clock(): train time counts from building the trainer
+
+    def start_clock(self) -> None:
+        """Start the training clock: train time includes building the trainer and the one-off reference pass
+        (as the README's and the bench's figures do), not model loading or held-out evaluation."""
+        self.train_start = time.perf_counter()
 
     @property
     def step0(self) -> int:
@@ -68,7 +74,7 @@ class Run:
 
     @classmethod
     @contextmanager
-    def open(cls, recipe: Recipe, run_dir, resume, force: bool, autocast: str | None) -> Iterator[Run]:
+    def open(cls, recipe: Recipe, run_dir, resume, force: bool, autocast: str | None, started: float) -> Iterator[Run]:
         """Lock the folder, pick the checkpoint, write recipe.json; a full disk becomes one line (exit 2)."""
         path, resuming = _locate(recipe, run_dir, resume, force)
         checkpoints = path / "checkpoints"
@@ -77,7 +83,7 @@ class Run:
             if resuming:  # under the lock: a checkpoint torn by a kill is dropped, the newest complete one is used
                 guard.prune(checkpoints, recipe.train.keep_checkpoints)
                 checkpoint = guard.latest_checkpoint(checkpoints)
-            run = cls(recipe, path, checkpoint)
+            run = cls(recipe, path, checkpoint, started)
             run.guard = guard.callback(checkpoints, recipe.train.keep_checkpoints, autocast or "fp32")
             write_text_atomic(path / "recipe.json", recipes.dumps(recipe))
             run_folder.keep_metrics_until(path, run.step0 if checkpoint else -1)
@@ -92,7 +98,8 @@ class Run:
     def fit(self, trainer, block: Callable[[dict], dict]) -> tuple[dict, dict]:
         """Evaluate (or recall the step-0 evaluation), train or resume, evaluate; (before, after) as `block`s."""
         eval_timer = time_evaluations(trainer)
-        train_start = time.perf_counter()
+        if self.train_start is None:
+            self.start_clock()
         self.guard.install_signals()
         try:
             if self.checkpoint is None:
@@ -113,7 +120,7 @@ class Run:
         finally:
             self.guard.restore_signals()
         self.timings["eval_seconds"] = eval_timer()
-        self.timings["train_seconds"] = time.perf_counter() - train_start - self.timings["eval_seconds"]
+        self.timings["train_seconds"] = time.perf_counter() - self.train_start - self.timings["eval_seconds"]
         return before, after
 
     def _diverged(self, message: str) -> None:

@@ -53,11 +53,11 @@ def sft(
     prep = prepare(recipe)  # the same checks as DPO: data rows, lengths, model path, tokenizer
     recipe, backend = prep.recipe, prep.backend
     prec = precision(recipe, backend.device)
-    train_pairs, eval_pairs = data_mod.load_splits(recipe.data)
-    with Run.open(recipe, run_dir, resume, force, prec.autocast) as run:
-        run.started = started
+    train_pairs, eval_pairs = prep.train_pairs, prep.eval_pairs
+    with Run.open(recipe, run_dir, resume, force, prec.autocast, started) as run:
         announce(prep, run)
         loaded = load_model(prep, run)
+        run.start_clock()
         trainer, log = build_trainer(
             recipe, run, loaded, train_pairs, eval_pairs, backend.device, extra_callbacks or []
         )
