@@ -29,6 +29,7 @@ from pipeline.errors import (
     UserError,
 )
 from pipeline.experiments.sweep import DEFAULT_GRID
+from pipeline.model import runtime
 
 
 def _run_options(command: argparse.ArgumentParser) -> None:
@@ -303,6 +304,7 @@ def _interrupted(stop: Interrupted, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every way it can end maps to its exit status here, and only here."""
     args = _parser().parse_args(argv)
+    runtime.quiet_imports()
     try:
         return COMMANDS[args.command](args)
     except UserError as err:

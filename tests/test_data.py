@@ -48,7 +48,7 @@ def test_formats_normalise_to_the_same_pair():
         "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Well, it depends."}],
     }
     messages = {"messages": [{"role": "user", "content": "Q?"}], "chosen": "Yes.", "rejected": "Well, it depends."}
-    pairs = data.parse_pairs([("x", r) for r in (standard, explicit, implicit, messages)], "x", "data.train")
+    pairs = [data.parse_pairs([("x", r)], "x", "data.train")[0] for r in (standard, explicit, implicit, messages)]
     assert len({(p.prompt, p.chosen, p.rejected) for p in pairs}) == 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pipeline.data.pairs import Pair
+from pipeline.data.formats import Pair
 from pipeline.errors import UserError
 
 

@@ -14,12 +14,17 @@ import warnings
 from importlib import metadata
 
 
+def quiet_imports() -> None:
+    """What must be set before the libraries are imported; cheap, imports nothing (the CLI calls it first)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes logs on import that an optional CPU kernel package (`kernels`) is missing; we do not use that
+    # kernel, so the notice must not reach the user
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for our progress bar and messages."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes logs that an optional CPU kernel package (`kernels`) is missing when it is imported; we do not
-    # use that kernel, so it must not reach the user (set before anything imports bitsandbytes)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_imports()
     import datasets
     import transformers
 

@@ -51,7 +51,7 @@ def prepare(recipe: Recipe) -> Prepared:
     """Validate recipe, data and model location, and load the tokenizer; no model weights yet."""
     recipes.validate(recipe)
     backend = resolve_backend(recipe)
-    train_pairs, eval_pairs = data_mod.load_splits(recipe.data)
+    train_pairs, eval_pairs = data_mod.load_splits(recipe.data, announce=True)
     path = paths.resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
     if recipe.model.adapter:
         adapter_dir = adapters.resolve(recipe.model.adapter)
