@@ -112,27 +112,53 @@ def keep_4bit_trainable(model) -> int:
     return len(layers)
 
 
+# Families that fuse projections (Phi-3: q/k/v in qkv_proj, gate/up in gate_up_proj): the fused layer stands in
+# for the recipe's names, so LoRA lands on every projection the recipe names, not silently on the rest only.
+FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def lora_targets(targets: tuple[str, ...], model) -> list[str]:
+    """The recipe's `lora.target_modules` as this model names its layers; a name that matches nothing is an error."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    resolved, missing = [], []
+    for target in targets:
+        if target in names:
+            resolved.append(target)
+        elif FUSED.get(target) in names:
+            resolved.append(FUSED[target])
+        else:
+            missing.append(target)
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"lora.target_modules: {', '.join(missing)} match no layer of this model; its linear layers are "
+            f"{', '.join(linear)}; name some of those"
+        )
+    return list(dict.fromkeys(resolved))
+
+
 def peft_config(recipe: Recipe, model=None):
-    """The recipe's LoRA block as a peft.LoraConfig; checks that the target layers exist in `model`."""
+    """The recipe's LoRA block as a peft.LoraConfig; with `model`, its targets as that model names its layers."""
     from peft import LoraConfig
 
     lo = recipe.lora
+    targets = list(lo.target_modules)
     if model is not None:
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in lo.target_modules if t not in names]
-        if len(missing) == len(lo.target_modules):
-            import torch
-
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise UserError(
-                f"lora.target_modules: none of {', '.join(missing)} exist in this model; its linear layers are "
-                f"{', '.join(linear)}"
-            )
+        targets = lora_targets(lo.target_modules, model)
+        print(f"[twin-dpo] LoRA adapters on every {', '.join(targets)} layer", flush=True)
     return LoraConfig(
         r=lo.r,
         lora_alpha=lo.alpha,
         lora_dropout=lo.dropout,
-        target_modules=list(lo.target_modules),
+        target_modules=targets,
         bias=lo.bias,
         use_rslora=lo.use_rslora,
         task_type="CAUSAL_LM",
