@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.model import adapters
+from pipeline.model import adapters, unsloth
 from pipeline.model.backend import Backend, Loaded, precision
 from pipeline.model.paths import resolve_model_path
 from pipeline.recipe import Recipe
@@ -169,8 +169,6 @@ def load(recipe: Recipe, backend: Backend, tokenizer=None) -> Loaded:
     """Load everything training needs for `recipe` on `backend`."""
     path = resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
     if backend.name == "unsloth":
-        from pipeline.model import unsloth
-
         return unsloth.load(recipe, backend, path)
     tokenizer = tokenizer or load_tokenizer(recipe, path)
     model = load_base(recipe, path, backend)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline import data as data_mod
 from pipeline import recipe as recipes
-from pipeline.model import adapters, hf, paths, runtime
+from pipeline.model import adapters, hf, paths, runtime, unsloth
 from pipeline.model.backend import Backend, precision, resolve_backend
 from pipeline.recipe import Recipe
 from pipeline.training.run import Run
@@ -24,8 +24,6 @@ def with_max_steps(recipe: Recipe, max_steps: int | None) -> Recipe:
 def begin(recipe: Recipe) -> str:
     """Set up the process before any library is imported; returns the allocator setting for the summary."""
     if resolve_backend(recipe).name == "unsloth":
-        from pipeline.model import unsloth
-
         unsloth.import_unsloth()  # before transformers, trl and peft: Unsloth patches them on import
     allocator = runtime.tune_allocator()
     runtime.quiet_libraries()
