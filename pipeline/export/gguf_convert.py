@@ -55,11 +55,13 @@ class Converted:
     pre: str
 
 
-def _arch(config: dict[str, Any]) -> str:
+def check_architecture(config: dict[str, Any]) -> str:
+    """The model type, if this converter writes it; else one line naming it and what is supported."""
     model_type = config.get("model_type", "?")
     if model_type not in SUPPORTED:
         raise UserError(
-            f"GGUF export: architecture '{model_type}' is not supported; twin-dpo converts {', '.join(SUPPORTED)}"
+            f"GGUF export: architecture '{model_type}' is not supported; twin-dpo converts {', '.join(SUPPORTED)}; "
+            "export without GGUF with --set export.formats=adapter,merged"
         )
     return model_type
 
@@ -156,7 +158,7 @@ def _write_tokenizer(writer, fields: dict[str, Any], pre: str) -> None:
 def write_vocab_only(folder: Path, out: Path, pre: str, fields: dict[str, Any] | None = None) -> Path:
     """A GGUF holding only metadata and the tokenizer: enough for llama.cpp to tokenize (vocab_only)."""
     config = json.loads((folder / "config.json").read_text())
-    writer = gguf.GGUFWriter(str(out), _arch(config))
+    writer = gguf.GGUFWriter(str(out), check_architecture(config))
     _write_hparams(writer, config)
     _write_tokenizer(writer, fields or tokenizer_fields(folder), pre)
     writer.write_header_to_file()
@@ -201,7 +203,7 @@ def convert(
 ) -> Converted:
     """Write `out` (F16 or Q8_0) from the merged model folder."""
     config = json.loads((folder / "config.json").read_text())
-    arch = _arch(config)
+    arch = check_architecture(config)
     model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
     n_layer = config["num_hidden_layers"]
     n_head = config["num_attention_heads"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline import data as data_mod
 from pipeline import recipe as recipes
@@ -90,17 +90,21 @@ def export(run_dir: Path | None, overrides: list[str]) -> tuple[dict[str, Any], 
     recipe, summary = _load_run(run_dir, overrides)
     formats = recipe.export.formats
     gguf_formats = [f for f in formats if f.startswith("gguf-")]
-    if gguf_formats and importlib.util.find_spec("llama_cpp") is None:
-        raise UserError(
-            "export.formats asks for GGUF, whose proofs and K-quants need llama-cpp-python; run `make setup-gguf` "
-            "(builds llama.cpp once, about 7 minutes on 2 cores) or --set export.formats=adapter,merged"
-        )
     artifact = summary.get("artifact", "adapter")
     if "adapter" in formats and artifact != "adapter":
         formats = tuple(f for f in formats if f != "adapter")  # full training has no adapter to export
     runtime.quiet_libraries()
     runtime.set_threads(recipe.train.threads)
     path = paths.resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
+    if gguf_formats:  # before a minute of merging: the converter must know the architecture
+        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+        gguf_convert.check_architecture(config.to_dict())
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError(
+                "export.formats asks for GGUF, whose proofs and K-quants need llama-cpp-python; run `make "
+                "setup-gguf` (builds llama.cpp once per machine, about 5-7 minutes on 2 cores) or --set "
+                "export.formats=adapter,merged"
+            )
     tokenizer = hf.load_tokenizer(recipe, path)
     _, eval_pairs = data_mod.load_splits(recipe.data)
     rows = data_mod.templated(tokenizer, eval_pairs[:PROOF_ROWS], recipe.data.system_prompt)
