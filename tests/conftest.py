@@ -61,7 +61,7 @@ def build_tokenizer(vocab_size: int = 600):
 
 def build_model(family: str, vocab_size: int, seed: int = 0):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
@@ -79,6 +79,8 @@ def build_model(family: str, vocab_size: int, seed: int = 0):
     )
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
+    if family == "phi3":  # fuses q/k/v into qkv_proj and gate/up into gate_up_proj
+        return Phi3ForCausalLM(Phi3Config(**common))
     return Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
 
 
@@ -152,6 +154,23 @@ def cli_sets(model_dir: Path, data: dict[str, Path]) -> list[str]:
         f"data.train={data['train']}",
         "--set",
         f"data.eval={data['heldout']}",
+    ]
+
+
+def train_argv(model_dir: Path, data: dict[str, Path], run_dir: Path, *sets: str) -> list[str]:
+    """`train dpo_lora` for one step on a tiny model (fp32), as a user would type it."""
+    return [
+        "train",
+        "dpo_lora",
+        "--max-steps",
+        "1",
+        "--no-eval",
+        "--run-dir",
+        str(run_dir),
+        *cli_sets(model_dir, data),
+        "--set",
+        "model.dtype=float32",
+        *sets,
     ]
 
 

@@ -9,32 +9,12 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import build_tokenizer, cli_sets
+from conftest import cli_sets, save_tiny, train_argv
 
 
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory):
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-phi3")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = Phi3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    Phi3ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny-phi3"), "phi3")
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +26,7 @@ def phi3_run(tiny_phi3, small_data, tmp_path_factory):
     from pipeline import cli
 
     run_dir = tmp_path_factory.mktemp("phi3") / "run"
-    argv = [
-        "train",
-        "dpo_lora",
-        "--max-steps",
-        "1",
-        "--no-eval",
-        "--run-dir",
-        str(run_dir),
-        *cli_sets(tiny_phi3, small_data),
-        "--set",
-        "model.dtype=float32",
-    ]
+    argv = train_argv(tiny_phi3, small_data, run_dir)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli.main(argv) == 0
@@ -71,8 +40,9 @@ def test_fused_projections_get_adapters(phi3_run):
     for layer in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         assert any(f".{layer}.lora_A" in k for k in adapter), layer
     summary = json.loads((run_dir / "summary.json").read_text())
-    # r 32 on 4 layers x 2 blocks: (64 + 192) + (64 + 64) + (64 + 256) + (128 + 64) in + out features, x 32 x 2
-    assert summary["trainable_parameters"] == 32 * 2 * ((64 + 192) + (64 + 64) + (64 + 256) + (128 + 64))
+    # r 32 on 4 layers x 2 blocks, in + out features: qkv 64 + (64 + 2 x 32 for 2 KV heads), o 64 + 64,
+    # gate_up 64 + 2 x 128, down 128 + 64
+    assert summary["trainable_parameters"] == 32 * 2 * ((64 + 128) + (64 + 64) + (64 + 256) + (128 + 64))
 
 
 def test_a_target_that_matches_nothing_is_named(tiny_phi3, small_data, capsys):

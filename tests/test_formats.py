@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import cli_sets
+from conftest import train_argv
 from pipeline import cli, data
 from pipeline.errors import UserError
 
@@ -145,20 +145,7 @@ def test_a_file_that_is_not_utf8_is_one_line_with_the_byte_offset(content, tmp_p
 def test_each_shape_trains(name, tiny_llama, small_data, tmp_path):
     path = _write(tmp_path, name, [ROWS[name]] * 4)
     run_dir = tmp_path / "run"
-    argv = [
-        "train",
-        "dpo_lora",
-        "--max-steps",
-        "1",
-        "--no-eval",
-        "--run-dir",
-        str(run_dir),
-        *cli_sets(tiny_llama, small_data),
-        "--set",
-        f"data.train={path}",
-        "--set",
-        "model.dtype=float32",
-    ]
+    argv = train_argv(tiny_llama, small_data, run_dir, "--set", f"data.train={path}")
     assert cli.main(argv) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["pairs_trained"] == 2
