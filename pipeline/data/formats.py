@@ -147,11 +147,17 @@ def _conversation_row(where: str, row: dict, problems: list[str]) -> Pair | None
     return _split_conversations(chosen, rejected, where, problems)
 
 
+def _is_transcript(text: str) -> bool:
+    """Whether `text` starts (after whitespace) with a speaker; cheap: it stops at the first speaker."""
+    first = _SPEAKER.search(text)
+    return first is not None and not text[: first.start()].strip()
+
+
 def transcript(text: str) -> Turns | None:
     """'\\n\\nHuman: ...\\n\\nAssistant: ...' as turns; None when it is not such a transcript."""
-    parts = _SPEAKER.split(text)
-    if len(parts) < 3 or parts[0].strip():
+    if not _is_transcript(text):
         return None
+    parts = _SPEAKER.split(text)
     return [
         ("user" if who == "Human" else "assistant", said.strip())
         for who, said in zip(parts[1::2], parts[2::2], strict=True)
@@ -250,7 +256,7 @@ def shape_of(row: Any) -> str | None:
         answers = [row.get("chosen"), row.get("rejected")]
         if any(isinstance(a, list) for a in answers):
             return "conversations"
-        if any(isinstance(a, str) and transcript(a) is not None for a in answers):
+        if any(isinstance(a, str) and _is_transcript(a) for a in answers):
             return "transcripts"
         return "prompt"  # prompt/chosen/rejected strings with the prompt missing: reported as such
     return None

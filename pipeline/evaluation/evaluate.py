@@ -140,6 +140,7 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
                 before = generate(twin, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS)
             cache.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(cache, {"questions": FIXED_QUESTIONS, "answers": before})
+    _, held = load_splits(recipe.data)  # the held-out answers themselves are the yardsticks of the two voices
     report = {
         "run": str(run_dir),
         "held_out": {
@@ -150,8 +151,8 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
         "style": {
             "before": style.metrics(before),
             "after": style.metrics(after),
-            "author_reference": style.metrics(_chosen_answers(recipe)),
-            "generic_reference": style.metrics(_chosen_answers(recipe, "rejected")),
+            "author_reference": style.metrics([p.chosen for p in held]),
+            "generic_reference": style.metrics([p.rejected for p in held]),
         },
         "generations": [
             {"question": q, "before": b, "after": a} for q, b, a in zip(FIXED_QUESTIONS, before, after, strict=True)
@@ -163,12 +164,6 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
     write_json_atomic(run_dir / "eval.json", report)
     write_text_atomic(run_dir / "samples.md", samples_markdown(report))
     return report
-
-
-def _chosen_answers(recipe, side: str = "chosen") -> list[str]:
-    """The held-out answers themselves, as the yardstick: what the author's voice (and the generic one) measure."""
-    _, held = load_splits(recipe.data)
-    return [getattr(p, side) for p in held]
 
 
 def samples_markdown(report: dict[str, Any]) -> str:
