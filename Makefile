@@ -51,23 +51,29 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $@
 	@echo "[twin-dpo] .venv is ready"
 
-setup-gguf: $(GGUF_STAMP) ## add llama-cpp-python for GGUF export (builds llama.cpp once per machine: ~5-7 min on 2 cores)
+setup-gguf: $(GGUF_STAMP) ## add llama.cpp for GGUF export: its converters, quantizer and runtime (builds once per machine: ~5-7 min on 2 cores)
 
-# llama.cpp is built once per machine into LLAMA_WHEELS and reused by every checkout. The build is portable
+# llama.cpp comes from one source: the llama-cpp-python sdist pinned by hash in constraints/llama-cpp-sdist.txt,
+# downloaded once per machine into LLAMA_SDIST_DIR. From it, llama.cpp is built once per machine into LLAMA_WHEELS,
+# and its own GGUF converters are extracted into .cache/llama.cpp-converters-<version>/. The build is portable
 # (AVX2, not -march=native): a native build on a CPU with AMX segfaulted in llama.cpp's Q8_0 path on the test
 # models, and pip's own wheel cache would hand a native build to the next, different machine.
-LLAMA_CPP := llama-cpp-python==0.3.36
-LLAMA_WHEELS ?= $(HOME)/.cache/twin-dpo/wheels/llama-cpp-python-0.3.36-avx2
+LLAMA_VERSION := 0.3.36
+LLAMA_SDIST_DIR ?= $(HOME)/.cache/twin-dpo/sdist
+LLAMA_WHEELS ?= $(HOME)/.cache/twin-dpo/wheels/llama-cpp-python-$(LLAMA_VERSION)-avx2
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-$(GGUF_STAMP): $(STAMP)
+$(GGUF_STAMP): $(STAMP) constraints/llama-cpp-sdist.txt
+	TWIN_DPO_SDIST_DIR=$(LLAMA_SDIST_DIR) $(PY) -m pipeline llama-cpp-source --sdist-only
 	@if ! ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1; then \
 	  echo "[twin-dpo] building llama-cpp-python once for this machine (portable AVX2 build, about 5-7 minutes on 2 cores)"; \
 	  rm -rf $(LLAMA_WHEELS).tmp && mkdir -p $(LLAMA_WHEELS).tmp && \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
-	    -w $(LLAMA_WHEELS).tmp $(LLAMA_CPP) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
+	    -w $(LLAMA_WHEELS).tmp $(LLAMA_SDIST_DIR)/llama_cpp_python-$(LLAMA_VERSION).tar.gz && \
+	  mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
 	$(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps $(LLAMA_WHEELS)/*.whl
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[gguf]'
+	TWIN_DPO_SDIST_DIR=$(LLAMA_SDIST_DIR) $(PY) -m pipeline llama-cpp-source
 	@touch $@
 
 STEPFLAG := $(if $(STEPS),--max-steps $(STEPS),)

@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("embedded-model", help="fetch the embedded model's file, hash-checked (make setup runs it)")
+    tools = sub.add_parser(
+        "llama-cpp-source",
+        help="fetch the pinned llama-cpp-python sdist (hash-checked) and extract llama.cpp's GGUF converters from it "
+        "(make setup-gguf runs it)",
+    )
+    tools.add_argument("--sdist-only", action="store_true", help="only fetch and check the sdist")
 
     show = sub.add_parser("recipe", help="print a recipe, resolved with --set overrides, as JSON")
     show.add_argument("recipe")
@@ -272,6 +278,16 @@ def _cmd_embedded_model(_args) -> int:
     return 0
 
 
+def _cmd_llama_cpp_source(args) -> int:
+    from pipeline.export import llama_tools
+
+    print(f"[twin-dpo] llama.cpp source: {llama_tools.sdist()} (sha256 checked)", flush=True)
+    if not args.sdist_only:
+        folder = llama_tools.ensure()
+        print(f"[twin-dpo] llama.cpp's converters: {folder} ({len(llama_tools.architectures())} architectures)")
+    return 0
+
+
 COMMANDS = {
     "train": _cmd_train,
     "sft": _cmd_sft,
@@ -284,6 +300,7 @@ COMMANDS = {
     "gpu-smoke": _cmd_gpu_smoke,
     "recipe": _cmd_recipe,
     "embedded-model": _cmd_embedded_model,
+    "llama-cpp-source": _cmd_llama_cpp_source,
 }
 
 

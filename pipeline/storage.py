@@ -6,12 +6,17 @@ kill or a full disk never leaves a half-written file where a reader looks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline.errors import UserError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +82,37 @@ def hasher():
         import hashlib
 
         return hashlib.sha256()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pip_download(requirement: str, dest: Path, sha256: str, what: str, source: bool = False) -> Path:
+    """Download one pinned distribution with pip into `dest` (no install, no dependencies) and check its sha256.
+
+    `source` takes the sdist instead of a wheel. The file is returned only when its hash matches; a download that
+    fails or a file with another hash is one line naming `what` it was for."""
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    kind = "--no-binary=:all:" if source else "--only-binary=:all:"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps", kind]
+        + ["--dest", str(dest), requirement],
+        capture_output=True,
+        text=True,
+    )
+    files = [p for p in Path(dest).iterdir() if p.suffix in (".whl", ".gz")]
+    if done.returncode != 0 or len(files) != 1:
+        last = (done.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
+        raise UserError(f"could not download {requirement} for {what}: {last}; check the network or proxy")
+    got = sha256_file(files[0])
+    if got != sha256:
+        raise UserError(f"{files[0].name} has sha256 {got}, expected {sha256}; not using it")
+    return files[0]
 
 
 def human_bytes(n: float) -> str:

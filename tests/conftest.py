@@ -59,11 +59,17 @@ def build_tokenizer(vocab_size: int = 600):
     return fast
 
 
-def build_model(family: str, vocab_size: int, seed: int = 0):
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "qwen3_moe")
+
+
+def build_model(family: str, vocab_size: int, seed: int = 0, ids: tuple[int, int, int] = (1, 2, 0)):
+    """A tiny random causal LM of `family` (hidden 64, 2 layers, 4 heads of 16, 2 KV heads), built from its
+    transformers config class as a user would; `ids` are the (bos, eos, pad) token ids."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers as T
 
     torch.manual_seed(seed)
+    bos, eos, pad = ids
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -72,16 +78,29 @@ def build_model(family: str, vocab_size: int, seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
         tie_word_embeddings=True,
     )
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
-    if family == "phi3":  # fuses q/k/v into qkv_proj and gate/up into gate_up_proj
-        return Phi3ForCausalLM(Phi3Config(**common))
-    return Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
+    head = dict(head_dim=16)
+    gemma = dict(head, query_pre_attn_scalar=16, sliding_window=64)
+    configs = {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**common)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**common)),
+        "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**common, **head)),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**common, **head)),
+        "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**common, **gemma)),
+        "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**common, **gemma)),
+        "phi3": lambda: T.Phi3ForCausalLM(
+            T.Phi3Config(**common)
+        ),  # fuses q/k/v into qkv_proj, gate/up into gate_up_proj
+        "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**{**common, "tie_word_embeddings": False})),  # as OLMo 2 is
+        "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(
+            T.Qwen3MoeConfig(**common, **head, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        ),
+    }
+    return configs[family]()
 
 
 def pretrain(model, tokenizer, steps: int = 120, seed: int = 0):
@@ -105,13 +124,29 @@ def pretrain(model, tokenizer, steps: int = 120, seed: int = 0):
     return loss.item()
 
 
-def save_tiny(folder: Path, family: str) -> Path:
-    tokenizer = build_tokenizer()
-    model = build_model(family, len(tokenizer))
-    pretrain(model, tokenizer)
+def save_tiny(folder: Path, family: str, tokenizer=None, steps: int = 120) -> Path:
+    """A pretrained tiny `family` model with our small BPE tokenizer, or with `tokenizer` (SmolLM2's, which
+    llama.cpp's converter recognizes: the GGUF tests need it)."""
+    tokenizer = tokenizer or build_tokenizer()
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = build_model(family, len(tokenizer), ids=ids)
+    pretrain(model, tokenizer, steps)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (49,152 tokens, ChatML), read from the embedded GGUF."""
+    from transformers import AutoTokenizer
+
+    from pipeline.model import embedded
+
+    path = embedded.gguf_path()
+    if path is None:
+        pytest.skip("the embedded model is not extracted: run `make setup`")
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,15 @@ def test_embedded_model_converts_once_and_trains(tmp_path):
     )
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
+    # every format, through llama.cpp's own converters, each with its proof
+    out = subprocess.run([sys.executable, "-m", "pipeline", "export", str(run_dir)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((run_dir / "export" / "export.json").read_text())
+    assert report["not_written"] == {} and all(p["passed"] for p in report["proofs"].values())
+    assert set(report["written"]) == {
+        "adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora", "Modelfile", "Modelfile.lora"
+    }  # fmt: skip
+
 
 @pytest.mark.usefixtures("shared_cache")
 def test_embedded_model_chats_with_its_template():

@@ -128,10 +128,13 @@ def stop_tokens(tokenizer, parts: Parts) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def modelfile_text(gguf_name: str, template: str, stops: list[str], params: dict[str, float | int]) -> str:
+def modelfile_text(
+    gguf_name: str, template: str, stops: list[str], params: dict[str, float | int], adapter: str | None = None
+) -> str:
+    """FROM the GGUF (and ADAPTER, a GGUF LoRA applied on top of it), the TEMPLATE, stop tokens, parameters."""
     if '"""' in template:
         raise UserError('Modelfile: the chat template contains """, which a Modelfile TEMPLATE cannot hold')
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines = [f"FROM ./{gguf_name}"] + ([f"ADAPTER ./{adapter}"] if adapter else []) + [f'TEMPLATE """{template}"""']
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
     lines += [f"PARAMETER {k} {v}" for k, v in params.items()]
     return "\n".join(lines) + "\n"

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.export import gguf_convert
+from pipeline.errors import ExportFailed
+from pipeline.export import llama_tools
 
 # merged (fp32, before saving) vs adapter model: merging is exact up to float rounding
 MERGE_FP32_MAX_DIFF = 1e-3
@@ -25,10 +27,14 @@ MERGE_FP32_MAX_DIFF = 1e-3
 GGUF_F16_TOP1_FLOOR = 0.99
 # merged as saved (16-bit) vs adapter model, next-token agreement on held-out text
 MERGED_TOP1_FLOOR = {"float16": 0.98, "bfloat16": 0.95}
+# llama.cpp running the base GGUF with the GGUF LoRA applied vs the merged f16 GGUF, teacher-forced top-1
+GGUF_LORA_TOP1_FLOOR = 0.99
 # quantized GGUF vs F16 GGUF, teacher-forced on held-out text. The floors sit a few points below the top-1
 # and at ~3x the KL measured on the embedded SmolLM2 after dpo-lora (README, "Export and run it locally"): run-to-run
 # variation passes, a broken quantization does not.
 QUANT_FLOORS = {"q8_0": {"top1": 0.95, "kl": 0.02}, "q4_k_m": {"top1": 0.80, "kl": 0.25}}
+
+
 PROBE_TEXTS = (  # tokenizer probes: digits, spaces, newlines, contractions, unicode, code, special tokens
     "Hello world! 12345 and 3.14159, 1,000,000 items.",
     "  two leading spaces\n\nblank line\ttab   three spaces",
@@ -40,46 +46,61 @@ PROBE_TEXTS = (  # tokenizer probes: digits, spaces, newlines, contractions, uni
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """llama.cpp prints load logs on fd 2 even with verbose=False in places; keep the terminal readable."""
+    """llama.cpp prints load logs on fd 2 even with verbose=False in places; keep the terminal readable. What it
+    printed is kept in the yielded list (filled on exit), so a failure can say llama.cpp's own reason."""
     saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
+    printed: list[str] = []
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as sink:
+        os.dup2(sink.fileno(), 2)
         try:
-            yield
+            yield printed
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            sink.seek(0)
+            printed += sink.read().splitlines()
 
 
-def llama(path: Path, vocab_only: bool = False, n_ctx: int = 1024):
+def llama(path: Path, vocab_only: bool = False, n_ctx: int = 1024, lora: Path | None = None):
+    """`path` loaded in llama.cpp (with the GGUF LoRA `lora` applied); a file it refuses is ExportFailed with
+    llama.cpp's own reason."""
     import llama_cpp
+    from llama_cpp._logger import set_verbose
 
-    with quiet_stderr():
-        return llama_cpp.Llama(
-            str(path),
-            vocab_only=vocab_only,
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            logits_all=not vocab_only,
-            n_threads=max(1, len(os.sched_getaffinity(0))),
-            verbose=False,
-        )
+    printed: list[str] = []
+    try:
+        with quiet_stderr() as printed:
+            lm = llama_cpp.Llama(
+                str(path),
+                lora_path=str(lora) if lora else None,
+                vocab_only=vocab_only,
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                logits_all=not vocab_only,
+                n_threads=max(1, len(os.sched_getaffinity(0))),
+                verbose=True,  # into quiet_stderr's buffer, so that a refusal can give llama.cpp's reason
+            )
+    except ValueError:
+        reason = next((line for line in printed if "error" in line.lower()), "no reason printed")
+        raise ExportFailed(f"GGUF: llama.cpp cannot load {path.name}: {reason.strip()}") from None
+    finally:
+        set_verbose(False)  # llama.cpp's log level is global: back to errors only once the file is loaded
+    return lm
 
 
-def pick_pre_tokenizer(folder: Path, tokenizer, fields: dict, candidates, workdir: Path) -> tuple[str, dict]:
-    """The first llama.cpp pre-tokenizer that splits every probe text exactly like the HF tokenizer."""
+def pick_pre_tokenizer(folder: Path, tokenizer, workdir: Path) -> tuple[str, dict[str, bool]]:
+    """The first of llama.cpp's pre-tokenizers under which it splits every probe text exactly like `tokenizer`."""
     results = {}
-    for pre in candidates:
-        path = gguf_convert.write_vocab_only(folder, workdir / f"vocab-{pre}.gguf", pre, fields)
+    for pre in llama_tools.PRE_CANDIDATES:
+        path = llama_tools.convert(folder, workdir / f"vocab-{pre}.gguf", pre=pre, vocab_only=True)
         lm = llama(path, vocab_only=True)
-        ok = all(
+        results[pre] = all(
             lm.tokenize(t.encode(), add_bos=False, special=True) == tokenizer(t, add_special_tokens=False)["input_ids"]
             for t in PROBE_TEXTS
         )
         lm.close()
         path.unlink()
-        results[pre] = ok
-        if ok:
+        if results[pre]:
             return pre, results
     return "", results
 
@@ -185,9 +206,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def quantized_vs_f16(f16_path: Path, quant_path: Path, texts_ids: list[list[int]]) -> dict[str, float]:
     """Teacher-forced next-token top-1 agreement and mean KL(F16 || quantized) over held-out text."""
+    return _teacher_forced((f16_path, None), (quant_path, None), texts_ids)
+
+
+def lora_vs_merged(base: Path, lora: Path, merged_f16: Path, texts_ids: list[list[int]]) -> dict[str, float]:
+    """The same comparison for llama.cpp running `base` with the GGUF LoRA applied, against the merged f16 file."""
+    return _teacher_forced((merged_f16, None), (base, lora), texts_ids)
+
+
+def _teacher_forced(reference, candidate, texts_ids: list[list[int]]) -> dict[str, float]:
     rows = {}
-    for name, path in (("f16", f16_path), ("quant", quant_path)):
-        lm = llama(path)
+    for name, (path, lora) in (("f16", reference), ("quant", candidate)):
+        lm = llama(path, lora=lora)
         per_text = []
         for ids in texts_ids:
             lm.reset()

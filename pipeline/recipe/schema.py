@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-EXPORT_FORMATS = ("adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
+EXPORT_FORMATS = ("adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -150,7 +150,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     formats: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={"subset_of": EXPORT_FORMATS})
-    """What `make export` writes: adapter, merged, gguf-f16, gguf-q8_0, gguf-q4_k_m."""
+    """What `make export` writes: adapter, merged, gguf-f16, gguf-q8_0, gguf-q4_k_m, gguf-lora (the adapter as a
+    GGUF LoRA on the base's f16 GGUF, for Ollama's ADAPTER)."""
     merged_dtype: str = field(default="float16", metadata={"choices": ("float16", "bfloat16")})
     """dtype of the merged safetensors: float16 or bfloat16."""
     temperature: float = 0.7

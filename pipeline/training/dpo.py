@@ -24,6 +24,22 @@ from pipeline.training.run import Run
 EVAL_KEYS = {"reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eval_rewards/margins", "loss": "eval_loss"}
 
 
+def _install_head(trainer, recipe) -> str:
+    """The completion-only LM head where it applies; where it does not on a CPU, the run says why."""
+    if recipe.train.fast_head and fast_head.install_on_trainer(trainer):
+        return "completion-only (training/fast_head.py)"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    reason = fast_head.decline_reason(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if reason and recipe.train.fast_head and next(model.parameters()).device.type != "cuda":
+        print(
+            f"[twin-dpo] LM head: TRL's, not the completion-only one, because {reason}; the reference pass and each "
+            "step compute logits over the whole vocabulary (slower, more memory)",
+            flush=True,
+        )
+        return f"TRL's fused head ({reason})"
+    return "TRL's fused head"
+
+
 def train(
     recipe: Recipe,
     run_dir: str | Path | None = None,
@@ -50,11 +66,7 @@ def train(
         loaded = load_model(prep, run)
         run.start_clock()
         trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [])
-        head = (
-            "completion-only (training/fast_head.py)"
-            if recipe.train.fast_head and fast_head.install_on_trainer(trainer)
-            else "TRL's fused head"
-        )
+        head = _install_head(trainer, recipe)
         reference_info = attach_reference(trainer, recipe, loaded)
         try:
             before, after = run.fit(trainer, eval_block)

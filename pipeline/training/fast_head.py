@@ -22,12 +22,17 @@ import torch.nn.functional as F
 from pipeline.training import trl_compat
 
 
-def _supported(model) -> bool:
+def decline_reason(model) -> str | None:
+    """Why the completion-only head cannot stand in for this model's own head, or None when it can: it computes
+    plain `hidden @ W.T (+ b)` log-probs, with no logit soft-capping or scaling and no MoE router loss."""
     text = model.config.get_text_config()
     special = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-    return not any(getattr(text, name, None) not in (None, 1.0) for name in special) and not getattr(
-        text, "output_router_logits", False
-    )
+    for name in special:
+        if getattr(text, name, None) not in (None, 1.0):
+            return f"the model scales or soft-caps its logits ({name}={getattr(text, name)})"
+    if hasattr(text, "output_router_logits"):
+        return "the model is a mixture of experts whose router load-balancing loss TRL adds from the model's own output"
+    return None
 
 
 CHUNK = 256  # completion positions per slice of the LM head: [256 x 49k] fp32 logits is 50 MB
@@ -138,7 +143,7 @@ def install_completion_head(
     FusedCausalLMOutput = trl_compat.fused_output_class()
     if FusedCausalLMOutput is None:
         return False
-    if not _supported(model) or next(model.parameters()).device.type == "cuda":
+    if decline_reason(model) is not None or next(model.parameters()).device.type == "cuda":
         return False
     original = types.MethodType(type(model).forward, model)
 
