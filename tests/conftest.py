@@ -1,5 +1,6 @@
-"""Tiny real models, built in code: a byte-level BPE tokenizer trained on our own data, and 2-layer
-Llama / Qwen2 models with random weights. A whole LoRA DPO run on them takes seconds."""
+"""Tiny real models, built in code: a byte-level BPE tokenizer trained on our own data (with a family's special
+tokens and chat template), and 2-layer models of every common family with random weights. A whole LoRA DPO run on
+them takes seconds."""
 
 from __future__ import annotations
 
@@ -11,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from chat_templates import CHATML  # noqa: F401  (tests/ is on the path, like conftest; tests import it from here)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 needs_llama_cpp = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
     reason="needs llama-cpp-python (GGUF proofs): run `make setup-gguf`; `make test-slow` and CI build it",
 )
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
-    "'\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _corpus() -> list[str]:
@@ -36,26 +33,35 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 600):
+def build_tokenizer(vocab_size: int = 600, family: str = "chatml"):
+    """A small byte-level BPE tokenizer trained on our corpus, with the special tokens, BOS / EOS, BOS-adding
+    behaviour and chat template of a family's tokenizer (tests/chat_templates.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from chat_templates import FAMILY_TOKENIZERS
+
+    spec = FAMILY_TOKENIZERS[family]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=list(spec.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    post = [processors.ByteLevel(trim_offsets=False)]
+    if spec.adds_bos:  # like Llama 3's and Gemma's tokenizers: BOS in front of every encoded text
+        bos_id = tok.token_to_id(spec.bos)
+        post.append(
+            processors.TemplateProcessing(
+                single=f"{spec.bos} $A", pair=f"{spec.bos} $A $B", special_tokens=[(spec.bos, bos_id)]
+            )
+        )
+    tok.post_processor = processors.Sequence(post)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
+        tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, unk_token=None
     )
-    fast.chat_template = CHATML
+    fast.chat_template = spec.template
     return fast
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from chat_templates import FAMILY_TOKENIZERS
 from conftest import CHATML, build_tokenizer
 from pipeline.errors import UserError
 from pipeline.export import modelfile
@@ -81,3 +82,33 @@ def test_stop_tokens_and_parameters(tokenizer):
         text == 'FROM ./gguf/model-q4_k_m.gguf\nTEMPLATE """T"""\nPARAMETER stop "<|im_end|>"\nPARAMETER temperature '
         "0.7\nPARAMETER num_ctx 2048\n"
     )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TOKENIZERS))
+def test_each_familys_chat_format_becomes_a_template_with_its_stop_tokens(family):
+    """ChatML, Llama 3, Mistral [INST] and Gemma (the system message folded into the first user turn), Phi-3: the
+    TEMPLATE renders what the model is trained on, byte for byte, without the BOS llama.cpp adds from the GGUF."""
+    tok = build_tokenizer(family=family)
+    spec = FAMILY_TOKENIZERS[family]
+    parts = modelfile.derive(tok)
+    go_text = modelfile.go_template(parts)
+    expected = [modelfile.render(tok, c) for c in CONVERSATIONS]
+    assert modelfile.render_python(go_text, CONVERSATIONS) == expected
+    if shutil.which("go"):
+        assert modelfile.render_go(go_text, CONVERSATIONS) == expected
+    assert modelfile.prove(tok, go_text)["identical"]
+    assert (parts.system_fold is not None) == (family in ("mistral", "gemma"))
+    assert spec.eos in modelfile.stop_tokens(tok, parts)
+    if spec.adds_bos:
+        assert spec.bos not in go_text and not expected[0].startswith(spec.bos)
+    with_system = CONVERSATIONS[2]
+    assert "You are terse." in modelfile.render_python(go_text, [with_system])[0]
+
+
+def test_a_template_that_reorders_turns_is_refused_with_the_reason(tokenizer):
+    tokenizer.chat_template = (
+        "{% for m in messages | reverse %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    )
+    with pytest.raises(UserError, match="Modelfile: the chat template renders the system turn differently"):
+        modelfile.derive(tokenizer)
+    tokenizer.chat_template = CHATML

@@ -16,8 +16,22 @@ def messages(pair: Pair, system_prompt: str | None) -> list[dict[str, str]]:
     return turns
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether encoding text (with special tokens, as TRL and generation do) puts BOS in front by itself."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def render_prompt(tokenizer, pair: Pair, system_prompt: str | None) -> str:
-    return tokenizer.apply_chat_template(messages(pair, system_prompt), tokenize=False, add_generation_prompt=True)
+    """The prompt as text, ready to be encoded with special tokens. A chat template that writes BOS itself (Llama 3,
+    Gemma, Mistral) on a tokenizer that also adds it would give every sequence two: the template's is dropped."""
+    text = tokenizer.apply_chat_template(messages(pair, system_prompt), tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
+        text = text[len(bos) :]
+    return text
 
 
 def templated(tokenizer, pairs: list[Pair], system_prompt: str | None) -> list[dict[str, str]]:

@@ -47,16 +47,29 @@ class Parts:
     prefix: dict[str, str]
     suffix: dict[str, str]
     generation: str
+    # templates with no system block of their own (Mistral, Gemma) write the system message into the first user
+    # turn, followed by this separator; None where the system message is a turn of its own
+    system_fold: str | None = None
+
+
+def render(tokenizer, conversation, generation: bool = True) -> str:
+    """The chat template's text as the model sees it: a BOS the template writes is dropped when the tokenizer adds
+    one itself (llama.cpp and Ollama add it from the GGUF, so a TEMPLATE that wrote it too would double it)."""
+    from pipeline.data.template import adds_bos
+
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
+        text = text[len(bos) :]
+    return text
 
 
 def derive(tokenizer) -> Parts:
     """Find the per-role wrappers of the tokenizer's chat template (templates that concatenate blocks)."""
     s, u, a = _SENTINEL["system"], _SENTINEL["user"], _SENTINEL["assistant"]
 
-    def render(messages, gen=False):
-        return tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=gen
-        )
+    def chat(messages, gen=False):
+        return render(tokenizer, [{"role": r, "content": c} for r, c in messages], gen)
 
     def split(text, token, what):
         if text.count(token) != 1:
@@ -64,18 +77,20 @@ def derive(tokenizer) -> Parts:
         return text.split(token)
 
     try:
-        sys_prefix, sys_suffix = split(render([("system", s)]), s, "system turn")
-        with_user = render([("system", s), ("user", u)])
+        user_only = chat([("user", u)])
+        with_system = chat([("system", s), ("user", u)])
+        if _folded(user_only, with_system, s, u):
+            return _derive_folded(chat, user_only, with_system, s, u, a, split)
+        sys_prefix, sys_suffix = split(chat([("system", s)]), s, "system turn")
         head = sys_prefix + s + sys_suffix
-        if not with_user.startswith(head):
+        if not with_system.startswith(head):
             raise UserError("Modelfile: the chat template renders the system turn differently before a user turn")
-        user_prefix, user_suffix = split(with_user[len(head) :], u, "user turn")
-        with_assistant = render([("system", s), ("user", u), ("assistant", a)])
-        if not with_assistant.startswith(with_user):
+        user_prefix, user_suffix = split(with_system[len(head) :], u, "user turn")
+        with_assistant = chat([("system", s), ("user", u), ("assistant", a)])
+        if not with_assistant.startswith(with_system):
             raise UserError("Modelfile: the chat template rewrites earlier turns when an assistant turn follows")
-        asst_prefix, asst_suffix = split(with_assistant[len(with_user) :], a, "assistant turn")
-        generation = render([("system", s), ("user", u)], gen=True)[len(with_user) :]
-        user_only = render([("user", u)])
+        asst_prefix, asst_suffix = split(with_assistant[len(with_system) :], a, "assistant turn")
+        generation = chat([("system", s), ("user", u)], gen=True)[len(with_system) :]
         tail = user_prefix + u + user_suffix
         if not user_only.endswith(tail):
             raise UserError("Modelfile: the chat template renders a first user turn differently without a system turn")
@@ -92,24 +107,66 @@ def derive(tokenizer) -> Parts:
     )
 
 
+def _folded(user_only: str, with_system: str, s: str, u: str) -> bool:
+    """The system message sits inside the first user turn: removing it (and what follows it up to the user's text)
+    gives the rendering without a system message."""
+    i, j = with_system.find(s), with_system.find(u)
+    return 0 <= i < j and with_system[:i] + with_system[j:] == user_only
+
+
+def _derive_folded(chat, user_only: str, with_system: str, s: str, u: str, a: str, split) -> Parts:
+    sep = with_system[with_system.index(s) + len(s) : with_system.index(u)]
+    before, user_suffix = split(user_only, u, "user turn")
+    with_assistant = chat([("user", u), ("assistant", a)])
+    if not with_assistant.startswith(user_only):
+        raise UserError("Modelfile: the chat template rewrites earlier turns when an assistant turn follows")
+    asst_prefix, asst_suffix = split(with_assistant[len(user_only) :], a, "assistant turn")
+    second = chat([("user", u), ("assistant", a), ("user", u)])
+    user_prefix = second[len(with_assistant) :].split(u)[0]
+    if not before.endswith(user_prefix) or second != with_assistant + user_prefix + u + user_suffix:
+        raise UserError("Modelfile: the chat template's later user turns differ from its first; write TEMPLATE by hand")
+    generation = chat([("user", u)], gen=True)[len(user_only) :]
+    return Parts(
+        before[: len(before) - len(user_prefix)],
+        {"system": "", "user": user_prefix, "assistant": asst_prefix},
+        {"system": "", "user": user_suffix, "assistant": asst_suffix},
+        generation,
+        system_fold=sep,
+    )
+
+
 def _literal(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
 def go_template(parts: Parts) -> str:
     """One line of Go template, no trim markers, so every byte of literal text is kept."""
+    folded = parts.system_fold is not None
     branches = []
     for n, role in enumerate(ROLES):
         keyword = "if" if n == 0 else "else if"
-        branches.append(
-            f'{{{{ {keyword} eq $m.Role "{role}" }}}}{_literal(parts.prefix[role])}{{{{ $m.Content }}}}'
-            f"{_literal(parts.suffix[role])}"
-        )
+        content = "{{ $m.Content }}"
+        if folded and role == "system":
+            content = ""
+        elif folded and role == "user":
+            content = (
+                f"{{{{ if and (eq $i 1) $sys }}}}{{{{ $sys }}}}{_literal(parts.system_fold)}{{{{ end }}}}{content}"
+            )
+        wrapped = f"{_literal(parts.prefix[role])}{content}{_literal(parts.suffix[role])}"
+        branches.append(f'{{{{ {keyword} eq $m.Role "{role}" }}}}{wrapped}')
     default = ""
     if parts.default_system:
-        default = f'{{{{ if and (eq $i 0) (ne $m.Role "system") }}}}{_literal(parts.default_system)}{{{{ end }}}}'
+        first = "eq $i 0" if folded else 'and (eq $i 0) (ne $m.Role "system")'
+        default = f"{{{{ if {first} }}}}{_literal(parts.default_system)}{{{{ end }}}}"
+    head = ""
+    if folded:  # only a leading system message is folded, as the chat templates do
+        head = (
+            '{{ $sys := "" }}{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq $m.Role "system") }}'
+            "{{ $sys = $m.Content }}{{ end }}{{ end }}"
+        )
     return (
-        "{{ range $i, $m := .Messages }}"
+        head
+        + "{{ range $i, $m := .Messages }}"
         + default
         + "".join(branches)
         + "{{ end }}{{ end }}"
@@ -182,8 +239,9 @@ _ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
 
 
 def render_python(template: str, conversations) -> list[str]:
-    """Interpret the constructs go_template() emits: range over .Messages, if / else if / end,
-    eq / ne / and on $i and $m.Role, {{ $m.Content }}, {{ $m.Role }} and string literals."""
+    """Interpret the constructs go_template() emits: range over .Messages, if / else if / end, eq / ne / and on
+    $i, $m.Role and variables, {{ $m.Content }}, {{ $m.Role }}, string literals, and `$v := ...` / `$v = ...`
+    (one scope for the whole template, as Go assigns to the variable declared outside a range)."""
     tokens: list[tuple[str, str]] = []
     pos = 0
     for match in _ACTION.finditer(template):
@@ -200,6 +258,8 @@ def render_python(template: str, conversations) -> list[str]:
             return scope["i"]
         if expr in ("$m.Role", "$m.Content"):
             return scope["m"][expr[3:].lower()]
+        if expr in variables:
+            return variables[expr]
         if re.fullmatch(r"-?\d+", expr):
             return int(expr)
         raise ValueError(f"unsupported expression {expr!r}")
@@ -208,11 +268,13 @@ def render_python(template: str, conversations) -> list[str]:
         expr = expr.strip()
         if expr.startswith("and "):
             parts = re.findall(r"\(([^()]*)\)", expr)
-            return all(cond(p, scope) for p in parts)
+            bare = re.sub(r"\([^()]*\)", " ", expr[4:]).split()
+            return all(cond(p, scope) for p in parts) and all(value(b, scope) for b in bare)
         op, a, b = re.match(r'(eq|ne)\s+(\S+|"[^"]*")\s+("[^"]*"|\S+)$', expr).groups()
         return (value(a, scope) == value(b, scope)) == (op == "eq")
 
-    def run(i: int, scope: dict, out: list[str], stop=("end",)) -> int:
+    def run(i: int, scope: dict, out: list[str], stop=("end",), live: bool = True) -> int:
+        """Render from token i to its closing tag; `live` False walks a branch not taken (no effects)."""
         while i < len(tokens):
             kind, body = tokens[i]
             if kind == "text":
@@ -223,31 +285,39 @@ def render_python(template: str, conversations) -> list[str]:
             elif body.startswith("range "):
                 end = i + 1
                 for n, message in enumerate(scope["messages"]):
-                    end = run(i + 1, {**scope, "i": n, "m": message}, out)
-                if not scope["messages"]:
-                    end = run(i + 1, scope, [])
+                    end = run(i + 1, {**scope, "i": n, "m": message}, out, live=live)
+                if not scope["messages"] or not live:
+                    end = run(i + 1, scope, [], live=False)
                 i = end + 1
             elif body.startswith("if "):
                 taken = False
                 current = body[3:]
                 while True:
-                    chosen = not taken and (current is None or cond(current, scope))
+                    chosen = live and not taken and (current is None or cond(current, scope))
                     sink = out if chosen else []
                     taken = taken or chosen
-                    j = run(i + 1, scope, sink)
+                    j = run(i + 1, scope, sink, live=chosen)
                     _, tag = tokens[j]
                     i = j
                     if tag == "end":
                         break
                     current = tag[len("else if ") :] if tag.startswith("else if ") else None
                 i += 1
+            elif re.match(r"\$\w+\s*:?=", body):
+                name, expr = re.match(r"(\$\w+)\s*:?=\s*(.+)$", body).groups()
+                if live:
+                    variables[name] = value(expr, scope)
+                i += 1
             else:
-                out.append(str(value(body, scope)))
+                if live:
+                    out.append(str(value(body, scope)))
                 i += 1
         return i
 
     rendered = []
+    variables: dict[str, object] = {}
     for conv in conversations:
+        variables.clear()
         out: list[str] = []
         run(0, {"messages": conv}, out)
         rendered.append("".join(out))
@@ -256,7 +326,7 @@ def render_python(template: str, conversations) -> list[str]:
 
 def prove(tokenizer, template: str) -> dict:
     """Render every proof conversation both ways; the Modelfile proof passes only on byte equality."""
-    expected = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CONVERSATIONS]
+    expected = [render(tokenizer, c) for c in CONVERSATIONS]
     got = render_go(template, CONVERSATIONS)
     renderer = "go text/template"
     if got is None:

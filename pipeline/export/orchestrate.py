@@ -124,7 +124,7 @@ def export(run_dir: Path | None, overrides: list[str]) -> tuple[dict[str, Any], 
         tokenizer(r["prompt"] + r["chosen"] + tokenizer.eos_token)["input_ids"][: recipe.data.max_length] for r in rows
     ]
     questions = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        data_mod.render_prompt(tokenizer, data_mod.Pair((("user", q),), "", "", "question"), None)
         for q in FIXED_QUESTIONS
     ]
 
