@@ -103,7 +103,9 @@ def build_model(family: str, vocab_size: int, seed: int = 0, ids: tuple[int, int
         ),  # fuses q/k/v into qkv_proj, gate/up into gate_up_proj
         "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**{**common, "tie_word_embeddings": False})),  # as OLMo 2 is
         "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(
-            T.Qwen3MoeConfig(**common, **head, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+            T.Qwen3MoeConfig(  # norm_topk_prob as in the released Qwen3-MoE models (and llama.cpp)
+                **common, **head, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+            )
         ),
     }
     return configs[family]()

@@ -135,6 +135,14 @@ def test_an_architecture_the_converter_does_not_write_is_one_line():
     assert llama_tools.check_architecture({"model_type": "qwen3"}) == "Qwen3ForCausalLM"
 
 
+def test_a_setting_llama_cpp_computes_differently_is_one_line():
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="qwen3_moe model has norm_topk_prob=false, which llama.cpp does not compute"):
+        llama_tools.check_settings({"model_type": "qwen3_moe", "norm_topk_prob": False})
+    llama_tools.check_settings({"model_type": "qwen3_moe", "norm_topk_prob": True})
+
+
 def test_the_sdist_is_refused_when_its_hash_differs(tmp_path, monkeypatch):
     from pipeline.errors import UserError
 

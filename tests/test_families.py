@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAMILIES, cli_sets, save_tiny, tiny_dpo_trainer, tiny_recipe
+from conftest import FAMILIES, cli_sets, needs_llama_cpp, save_tiny, tiny_dpo_trainer, tiny_recipe
 from pipeline import cli
 
 EXPECTED_TARGETS = {  # what the run prints for the default targets (q, k, v, o, gate, up, down)
@@ -26,22 +26,30 @@ EXPECTED_TARGETS = {  # what the run prints for the default targets (q, k, v, o,
 ALL_LINEAR = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
 
+def _cli(root, argv: list[str]) -> tuple[int, str]:
+    """Run the CLI as a user would, in `root` with its own cache; (exit status, what it printed)."""
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("TWIN_DPO_CACHE", str(root / "cache"))
+        mp.chdir(root)
+        code = cli.main(argv)
+    return code, out.getvalue()
+
+
+def _train(recipe: str, folder, data, run_dir) -> list[str]:
+    argv = ["train", recipe, "--max-steps", "2", "--no-eval", "--run-dir", str(run_dir), *cli_sets(folder, data)]
+    return argv + ["--set", "model.dtype=float32", "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=0"]
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_run(request, tmp_path_factory, small_data):
     """Two LoRA DPO steps (lr 1e-3) on a tiny model of the family, through the CLI; what it printed."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
     folder = save_tiny(root / "model", family, steps=30)
-    run_dir = root / "run"
-    argv = ["train", "dpo_lora", "--max-steps", "2", "--no-eval", "--run-dir", str(run_dir)]
-    argv += cli_sets(folder, small_data)
-    argv += ["--set", "model.dtype=float32", "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=0"]
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setenv("TWIN_DPO_CACHE", str(root / "cache"))
-        mp.chdir(root)
-        assert cli.main(argv) == 0
-    return family, folder, run_dir, out.getvalue()
+    code, printed = _cli(root, _train("dpo_lora", folder, small_data, root / "run"))
+    assert code == 0
+    return family, folder, root / "run", printed
 
 
 def _plain_log_probs(model, rows) -> torch.Tensor:
@@ -88,3 +96,35 @@ def test_lora_dpo_trains_every_family(family_run, small_data, tmp_path):
         assert any(m.get("aux_loss", 0) > 0 for m in metrics), "the router load-balancing loss is part of the loss"
     else:
         assert summary["lm_head"] == "completion-only (training/fast_head.py)"
+
+
+def _proven_export(run_dir, formats: str | None = None) -> dict:
+    root = run_dir.parent
+    code, printed = _cli(root, ["export", str(run_dir)] + (["--set", f"export.formats={formats}"] if formats else []))
+    report = json.loads((run_dir / "export" / "export.json").read_text())
+    assert code == 0 and report["not_written"] == {}, (printed, report["not_written"])
+    assert all(p["passed"] for p in report["proofs"].values()), report["proofs"]
+    return report
+
+
+@needs_llama_cpp
+def test_every_family_exports_every_format_with_its_proofs(family_run):
+    family, _, run_dir, _ = family_run
+    report = _proven_export(run_dir)
+    assert report["written"] == [*report["formats"], "Modelfile", "Modelfile.lora"], family
+    assert report["proofs"]["gguf base + LoRA vs merged f16 (teacher-forced)"]["top1_agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_dpo_trains_and_exports_every_family(family, small_data, tmp_path):
+    import importlib.util
+
+    folder = save_tiny(tmp_path / "model", family, steps=30)
+    code, _ = _cli(tmp_path, _train("dpo_qlora", folder, small_data, tmp_path / "run"))
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["artifact"] == "adapter" and summary["load_in_4bit"] is True
+    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
+    if importlib.util.find_spec("llama_cpp") is not None:  # merged into the dequantized base, as trained
+        _proven_export(tmp_path / "run", "adapter,merged,gguf-f16,gguf-lora")

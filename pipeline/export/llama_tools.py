@@ -151,6 +151,24 @@ def check_architecture(config: dict[str, Any]) -> str:
     return arch
 
 
+# Settings a family's converter accepts but llama.cpp's runtime does not compute (the f16 proof would fail after a
+# minute of merging): (model_type, config key, value) -> what llama.cpp does instead.
+COMPUTES_DIFFERENTLY = {
+    ("qwen3_moe", "norm_topk_prob", False): "llama.cpp always renormalizes the chosen experts' weights, as the "
+    "released Qwen3-MoE models do (norm_topk_prob true)"
+}
+
+
+def check_settings(config: dict[str, Any]) -> None:
+    for (model_type, key, value), instead in COMPUTES_DIFFERENTLY.items():
+        if config.get("model_type") == model_type and config.get(key, value) == value:
+            raise UserError(
+                f"GGUF export: this {model_type} model has {key}={json.dumps(value)}, which llama.cpp does not "
+                f"compute ({instead}), so its GGUF would answer differently; export without GGUF with "
+                "--set export.formats=adapter,merged"
+            )
+
+
 def convert(folder: Path, out: Path, outtype: str = "f16", pre: str | None = None, vocab_only: bool = False) -> Path:
     """A Hugging Face folder -> one GGUF file (written beside `out`, renamed into place when complete). `pre` names
     the pre-tokenizer to write when llama.cpp does not recognize the tokenizer by its hash."""

@@ -91,8 +91,9 @@ def _check_gguf_ready(recipe, path: str) -> None:
             "setup-gguf` (builds llama.cpp once per machine, about 5-7 minutes on 2 cores) or --set "
             "export.formats=adapter,merged"
         )
-    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
-    llama_tools.check_architecture(config.to_dict())
+    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code).to_dict()
+    llama_tools.check_architecture(config)
+    llama_tools.check_settings(config)
 
 
 def _formats(recipe, artifact: str) -> tuple[str, ...]:
