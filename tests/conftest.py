@@ -18,7 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 needs_llama_cpp = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
-    reason="needs llama-cpp-python (GGUF proofs): run `make setup-gguf`; `make test-slow` and CI build it",
+    reason="needs llama.cpp (its converters, quantizer and runtime for the GGUF proofs): run `make setup-gguf`; "
+    "`make test-slow` and CI build it",
 )
 
 

@@ -159,3 +159,27 @@ def test_export_of_an_unfinished_run_is_refused(tmp_path, capsys):
     (tmp_path / "recipe.json").write_text("{}")
     assert cli.main(["export", str(tmp_path)]) == 2
     assert "is not finished (no summary.json)" in capsys.readouterr().err
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma", "phi3"])
+def test_each_chat_format_exports_with_one_bos_and_its_modelfile(family, small_data, tmp_path):
+    """The whole export on a model whose tokenizer has a family's special tokens, BOS behaviour and chat format:
+    llama.cpp tokenizes the prompts exactly as training did (one BOS), and the Modelfile is proven."""
+    from conftest import build_model, build_tokenizer, pretrain
+
+    tok = build_tokenizer(family=family)
+    model = build_model("llama", len(tok), ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    pretrain(model, tok)  # confident predictions: greedy parity is not decided by near-ties
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    train.train(tiny_recipe(tmp_path / "model", small_data), run_dir, max_steps=2)
+    code = cli.main(["export", str(run_dir), "--set", "export.formats=merged,gguf-f16,gguf-lora"])
+    report = json.loads((run_dir / "export" / "export.json").read_text())
+    assert code == 0 and report["not_written"] == {}, report["not_written"]
+    f16 = report["proofs"]["gguf f16 (llama.cpp) vs transformers"]
+    assert f16["prompts_tokenized_identically"] == f16["prompts"] and f16["passed"]
+    assert report["proofs"]["Modelfile TEMPLATE vs chat template"]["passed"]
+    modelfile = (run_dir / "export" / "Modelfile").read_text()
+    assert f"PARAMETER stop {json.dumps(tok.eos_token)}" in modelfile and tok.bos_token not in modelfile.split('"""')[1]

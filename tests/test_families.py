@@ -46,7 +46,7 @@ def family_run(request, tmp_path_factory, small_data):
     """Two LoRA DPO steps (lr 1e-3) on a tiny model of the family, through the CLI; what it printed."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    folder = save_tiny(root / "model", family, steps=30)
+    folder = save_tiny(root / "model", family)
     code, printed = _cli(root, _train("dpo_lora", folder, small_data, root / "run"))
     assert code == 0
     return family, folder, root / "run", printed
@@ -119,7 +119,7 @@ def test_every_family_exports_every_format_with_its_proofs(family_run):
 def test_qlora_dpo_trains_and_exports_every_family(family, small_data, tmp_path):
     import importlib.util
 
-    folder = save_tiny(tmp_path / "model", family, steps=30)
+    folder = save_tiny(tmp_path / "model", family)
     code, _ = _cli(tmp_path, _train("dpo_qlora", folder, small_data, tmp_path / "run"))
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
