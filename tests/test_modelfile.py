@@ -63,11 +63,23 @@ def test_a_wrong_template_fails_the_proof(tokenizer):
     tokenizer.chat_template = CHATML
 
 
-def test_template_that_cannot_be_probed_is_a_clear_error(tokenizer):
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ raise_exception('no system') if m['role'] == 'system' }}{% endfor %}"
-    )
-    with pytest.raises(UserError, match="Modelfile: cannot probe the chat template"):
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (
+            "{% for m in messages %}{{ raise_exception('no system') if m['role'] == 'system' }}{% endfor %}",
+            "Modelfile: cannot probe the chat template",
+        ),
+        (  # turns in reverse order: no TEMPLATE of blocks can say that
+            "{% for m in messages | reverse %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}",
+            "Modelfile: the chat template renders the system turn differently",
+        ),
+    ],
+    ids=["raises", "reorders"],
+)
+def test_a_template_that_cannot_be_translated_is_refused_with_the_reason(tokenizer, template, message):
+    tokenizer.chat_template = template
+    with pytest.raises(UserError, match=message):
         modelfile.derive(tokenizer)
     tokenizer.chat_template = CHATML
 
@@ -103,12 +115,3 @@ def test_each_familys_chat_format_becomes_a_template_with_its_stop_tokens(family
         assert spec.bos not in go_text and not expected[0].startswith(spec.bos)
     with_system = CONVERSATIONS[2]
     assert "You are terse." in modelfile.render_python(go_text, [with_system])[0]
-
-
-def test_a_template_that_reorders_turns_is_refused_with_the_reason(tokenizer):
-    tokenizer.chat_template = (
-        "{% for m in messages | reverse %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-    )
-    with pytest.raises(UserError, match="Modelfile: the chat template renders the system turn differently"):
-        modelfile.derive(tokenizer)
-    tokenizer.chat_template = CHATML

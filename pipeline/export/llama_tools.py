@@ -174,83 +174,27 @@ def convert(folder: Path, out: Path, outtype: str = "f16", pre: str | None = Non
     the pre-tokenizer to write when llama.cpp does not recognize the tokenizer by its hash."""
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r} is not one of {OUTTYPES}")
+    args = [str(folder), "--outtype", outtype] + (["--vocab-only"] if vocab_only else [])
+    return _write("convert_hf_to_gguf.py", args, out, f"convert {folder.name} to GGUF {outtype}", pre)
+
+
+def _write(script: str, args: list[str], out: Path, what: str, pre: str | None) -> Path:
+    """Run one of llama.cpp's converters (through converter_shim.py) into a temporary file beside `out`, renamed
+    into place when it finished."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        _run(
-            _script("convert_hf_to_gguf.py")
-            + [str(folder), "--outfile", str(tmp), "--outtype", outtype]
-            + (["--vocab-only"] if vocab_only else []),
-            f"convert {folder.name} to GGUF {outtype}",
-            pre=pre,
-        )
+        argv = [sys.executable, str(Path(__file__).with_name("converter_shim.py")), str(ensure() / script)]
+        _run(argv + args + ["--outfile", str(tmp)], what, pre=pre)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
-
-
-def _script(name: str) -> list[str]:
-    return [sys.executable, "-c", _SHIM, str(ensure() / name)]
-
-
-# Runs a converter as it is, with two fallbacks for what it refuses outright (everything else is its own code):
-# - a byte-level BPE tokenizer whose pre-tokenizer llama.cpp does not know by hash gets $TWIN_DPO_GGUF_PRE, the
-#   known one chosen by probing (PRE_CANDIDATES); without that variable the refusal stands;
-# - a family whose converter insists on a SentencePiece tokenizer.model (Gemma 2, Phi-3) but which comes with a
-#   byte-level BPE tokenizer.json instead is written as a gpt2 vocabulary, as llama.cpp's own Gemma 3 and Phi-4
-#   converters do for such tokenizers. Any other failure of the family's vocabulary step stands.
-_SHIM = """
-import json, os, runpy, sys
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path[:0] = [os.path.dirname(script), os.path.join(os.path.dirname(script), "gguf-py")]
-import conversion
-from conversion import base
-recognized = base.TextModel.get_vocab_base_pre
-def get_vocab_base_pre(self, tokenizer):
-    try:
-        return recognized(self, tokenizer)
-    except NotImplementedError:
-        if "TWIN_DPO_GGUF_PRE" not in os.environ:
-            raise
-        return os.environ["TWIN_DPO_GGUF_PRE"]
-base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-def byte_level_bpe(folder):
-    path = folder / "tokenizer.json"
-    if (folder / "tokenizer.model").is_file() or not path.is_file():
-        return False
-    return "ByteLevel" in json.dumps(json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer"))
-def with_bpe_fallback(cls):
-    own = cls.set_vocab
-    def set_vocab(self):
-        try:
-            return own(self)
-        except (OSError, ValueError) as err:
-            if "tokenizer.model" not in str(err) or not byte_level_bpe(self.dir_model):
-                raise
-            return self._set_vocab_gpt2()
-    cls.set_vocab = set_vocab
-    return cls
-model_class = conversion.get_model_class
-conversion.get_model_class = lambda *args, **kwargs: with_bpe_fallback(model_class(*args, **kwargs))
-runpy.run_path(script, run_name="__main__")
-"""
 
 
 def convert_lora(adapter: Path, base: Path, out: Path, outtype: str = "f16", pre: str | None = None) -> Path:
     """A PEFT LoRA adapter folder -> a GGUF LoRA file for llama.cpp / Ollama (`ADAPTER`), against `base`'s config."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        _run(
-            _script("convert_lora_to_gguf.py")
-            + [str(adapter), "--base", str(base), "--outfile", str(tmp), "--outtype", outtype],
-            f"convert the LoRA adapter {adapter} to GGUF",
-            pre=pre,
-        )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    args = [str(adapter), "--base", str(base), "--outtype", outtype]
+    return _write("convert_lora_to_gguf.py", args, out, f"convert the LoRA adapter {adapter} to GGUF", pre)
 
 
 def _run(argv: list[str], what: str, cwd: Path | None = None, pre: str | None = None) -> subprocess.CompletedProcess:
