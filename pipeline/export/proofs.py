@@ -31,8 +31,8 @@ MERGED_TOP1_FLOOR = {"float16": 0.98, "bfloat16": 0.95}
 GGUF_LORA_TOP1_FLOOR = 0.99
 # quantized GGUF vs F16 GGUF, teacher-forced on held-out text. The floors sit a few points below the top-1
 # and at ~3x the KL measured on the embedded SmolLM2 after dpo-lora (README, "Export and run it locally"): run-to-run
-# variation passes, a broken quantization does not.
-QUANT_FLOORS = {"q8_0": {"top1": 0.95, "kl": 0.02}, "q4_k_m": {"top1": 0.80, "kl": 0.25}}
+# variation passes, a broken quantization does not. Q8_0 measured 0.9516-0.9712 over runs (16 held-out pairs).
+QUANT_FLOORS = {"q8_0": {"top1": 0.93, "kl": 0.02}, "q4_k_m": {"top1": 0.80, "kl": 0.25}}
 
 
 PROBE_TEXTS = (  # tokenizer probes: digits, spaces, newlines, contractions, unicode, code, special tokens
