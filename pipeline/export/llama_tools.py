@@ -155,7 +155,9 @@ def check_architecture(config: dict[str, Any]) -> str:
 # minute of merging): (model_type, config key, value) -> what llama.cpp does instead.
 COMPUTES_DIFFERENTLY = {
     ("qwen3_moe", "norm_topk_prob", False): "llama.cpp always renormalizes the chosen experts' weights, as the "
-    "released Qwen3-MoE models do (norm_topk_prob true)"
+    "released Qwen3-MoE models do (norm_topk_prob true)",
+    ("olmoe", "norm_topk_prob", True): "llama.cpp never renormalizes the chosen experts' weights, as the released "
+    "OLMoE models do not (norm_topk_prob false)",
 }
 
 
