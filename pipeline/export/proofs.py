@@ -27,6 +27,9 @@ MERGE_FP32_MAX_DIFF = 1e-3
 GGUF_F16_TOP1_FLOOR = 0.99
 # merged as saved (16-bit) vs adapter model, next-token agreement on held-out text
 MERGED_TOP1_FLOOR = {"float16": 0.98, "bfloat16": 0.95}
+# greedy paths of the f16 GGUF and transformers may part only where transformers' two candidates are this close
+# (logits): same fp16 weights, different float summation order. A broken file parts at gaps of whole logits.
+NEAR_TIE = 0.05
 # llama.cpp running the base GGUF with the GGUF LoRA applied vs the merged f16 GGUF, teacher-forced top-1
 GGUF_LORA_TOP1_FLOOR = 0.99
 # quantized GGUF vs F16 GGUF, teacher-forced on held-out text. The floors sit a few points below the top-1
@@ -177,11 +180,13 @@ def gguf_vs_transformers(
         same = 0
         while same < min(len(hf), len(gg)) and hf[same] == gg[same]:
             same += 1
+        gap = None if hf == gg or same >= min(len(hf), len(gg)) else _gap(hf_model, ids + hf[:same], hf[same], gg[same])
         generations.append(
             {
                 "identical": hf == gg,
                 "tokens_matching": same,
                 "tokens": len(hf),
+                "parting_logit_gap": gap,
                 "text": tokenizer.decode(hf, skip_special_tokens=True),
             }
         )
@@ -192,10 +197,20 @@ def gguf_vs_transformers(
         "prompts": len(prompts),
         "first_tokenization_mismatch": token_mismatch[0] if token_mismatch else None,
         "questions_identical": sum(g["identical"] for g in generations),
+        "questions_parting_at_a_near_tie": sum(
+            g["parting_logit_gap"] is not None and g["parting_logit_gap"] <= NEAR_TIE for g in generations
+        ),
         "questions": len(questions),
         "greedy_tokens": n_tokens,
         "generations": generations,
     }
+
+
+def _gap(model, prefix: list[int], hf_token: int, gguf_token: int) -> float:
+    """How far apart transformers puts the two tokens where the greedy paths part (logits, fp32)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prefix])).logits[0, -1].float()
+    return float(logits[hf_token] - logits[gguf_token])
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
