@@ -24,14 +24,19 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def render_prompt(tokenizer, pair: Pair, system_prompt: str | None) -> str:
-    """The prompt as text, ready to be encoded with special tokens. A chat template that writes BOS itself (Llama 3,
+def render_chat(tokenizer, conversation: list[dict[str, str]], generation: bool = True) -> str:
+    """The chat template's text, ready to be encoded with special tokens. A template that writes BOS itself (Llama 3,
     Gemma, Mistral) on a tokenizer that also adds it would give every sequence two: the template's is dropped."""
-    text = tokenizer.apply_chat_template(messages(pair, system_prompt), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and adds_bos(tokenizer):
         text = text[len(bos) :]
     return text
+
+
+def render_prompt(tokenizer, pair: Pair, system_prompt: str | None) -> str:
+    """A pair's prompt (with the system prompt) as text, ending in the generation prompt."""
+    return render_chat(tokenizer, messages(pair, system_prompt))
 
 
 def templated(tokenizer, pairs: list[Pair], system_prompt: str | None) -> list[dict[str, str]]:

@@ -134,7 +134,8 @@ def architecture_of(config: dict[str, Any]) -> str:
             return names[0]
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""), f"{config.get('model_type', '?')}")
+    model_type = config.get("model_type", "?")
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
 
 
 def check_architecture(config: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data import ROLES
+from pipeline.data.template import render_chat
 from pipeline.errors import UserError
 
 _SENTINEL = {"system": "QqSYSqQ", "user": "QqUSRqQ", "assistant": "QqASTqQ", "user2": "QqUS2qQ"}
@@ -52,16 +53,9 @@ class Parts:
     system_fold: str | None = None
 
 
-def render(tokenizer, conversation, generation: bool = True) -> str:
-    """The chat template's text as the model sees it: a BOS the template writes is dropped when the tokenizer adds
-    one itself (llama.cpp and Ollama add it from the GGUF, so a TEMPLATE that wrote it too would double it)."""
-    from pipeline.data.template import adds_bos
-
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and adds_bos(tokenizer):
-        text = text[len(bos) :]
-    return text
+# The chat template's text as the model sees it, without a BOS the template writes where the tokenizer adds one
+# (llama.cpp and Ollama add it from the GGUF, so a TEMPLATE that wrote it too would double it).
+render = render_chat
 
 
 def derive(tokenizer) -> Parts:
