@@ -180,7 +180,7 @@ def _cmd_train(args) -> int:
         from pipeline.evaluation import evaluate
 
         print("[twin-dpo] answering the fixed questions (evaluate)", flush=True)
-        print(evaluate.describe(evaluate.evaluate(run_dir)) + f"; samples: {run_dir / 'samples.md'}", flush=True)
+        print(evaluate.describe(evaluate.evaluate(run_dir)) + f"\nsamples: {run_dir / 'samples.md'}", flush=True)
     return 0
 
 
@@ -199,7 +199,7 @@ def _cmd_evaluate(args) -> int:
     from pipeline.evaluation import evaluate
 
     report = evaluate.evaluate(args.run)
-    print(evaluate.describe(report) + f"; samples: {Path(report['run']) / 'samples.md'}", flush=True)
+    print(evaluate.describe(report) + f"\nsamples: {Path(report['run']) / 'samples.md'}", flush=True)
     return 0
 
 

@@ -1,4 +1,7 @@
-"""LoRA DPO on the twin: one trainable adapter; the reference is the same base with the adapter off.
+"""LoRA DPO on the twin: one trainable adapter; the reference is the twin itself with the adapter off.
+
+The twin is the embedded one (`twin:sft_twin`): SmolLM2-135M-Instruct after LoRA SFT on the author's train
+answers (recipes/sft_twin.py), merged; the first run builds it once (model/twin.py), later runs reuse it.
 
 The Handbook's DPO setup (ch. 6) scaled to a 135M model on 2 CPU cores:
 LoRA r=32, alpha=32, dropout 0 on all seven projections, beta 0.5, one epoch,
@@ -7,12 +10,12 @@ The learning rate is the lightest measured one that learns in one epoch; the
 measurements are in the README ("Defaults and where they come from").
 """
 
-from pipeline.recipe import DataConfig, LoraSettings, ModelConfig, Recipe, TrainConfig
+from pipeline.recipe import TWIN_MODEL, DataConfig, LoraSettings, ModelConfig, Recipe, TrainConfig
 
 recipe = Recipe(
     name="dpo-lora",
     method="lora",
-    model=ModelConfig(),  # the embedded SmolLM2-135M-Instruct stands in for the twin
+    model=ModelConfig(name_or_path=TWIN_MODEL),
     lora=LoraSettings(r=32, alpha=32, dropout=0.0),
     data=DataConfig(train="embedded:train", eval="embedded:heldout", max_length=1024),
     train=TrainConfig(

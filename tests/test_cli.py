@@ -130,7 +130,7 @@ def test_max_steps_and_run_dir_write_summary(tmp_path, tiny_llama, small_data, c
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["status"] == "completed"
     out = capsys.readouterr().out
-    assert "held-out (hf): reward accuracy" in out and str(run_dir) in out
+    assert "held-out (hf, computed in float32): reward accuracy" in out and str(run_dir) in out
     # a finished run folder is not overwritten
     code = cli.main([*argv, "--set", f"model.name_or_path={tiny_llama}"])
     assert code == 2 and "already holds a finished run" in capsys.readouterr().err

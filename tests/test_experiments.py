@@ -6,7 +6,7 @@ import json
 
 from conftest import cli_sets, tiny_recipe
 from pipeline import cli
-from pipeline.evaluation import evaluate
+from pipeline.evaluation import evaluate, style
 from pipeline.training import dpo as train
 
 
@@ -33,6 +33,16 @@ def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path):
     assert saved["style"]["generic_reference"]["stock_phrase_share"] == 1.0
     samples = (run_dir / "samples.md").read_text()
     assert "**Untouched twin:**" in samples and "**Trained:**" in samples
+    # the voice judgement: each metric's distance to the author's yardstick, before and after, and a verdict
+    voice = saved["voice"]
+    assert set(voice["metrics"]) == set(style.VOICE) and voice["verdict"] in (
+        "toward the author",
+        "away from the author",
+        "not at all",
+    )
+    assert "distance before -> after" in samples and style.verdict_line(voice) in samples
+    printed = evaluate.describe(report)
+    assert style.verdict_line(voice) in printed and "(author " in printed
     # the untouched twin's answers are cached: a second evaluation reuses them
     cached = list((tmp_path / "cache" / "generations").glob("*.json"))
     assert len(cached) == 1
@@ -89,3 +99,33 @@ def test_sweep_rejects_a_bad_grid_before_training(capsys, tmp_path):
     assert cli.main(["sweep", "dpo_lora", "--grid", "train.beta=0.1,-1", "--out", str(tmp_path / "s")]) == 2
     assert "train.beta: must be > 0, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+STYLE = dict(words_per_answer=100.0, words_per_sentence=20.0, stock_phrase_share=0.5, first_person_per_100_words=0.0)
+AUTHOR = dict(words_per_answer=40.0, words_per_sentence=12.0, stock_phrase_share=0.0, first_person_per_100_words=3.0)
+GENERIC = dict(words_per_answer=120.0, words_per_sentence=24.0, stock_phrase_share=1.0, first_person_per_100_words=0.0)
+
+
+def _judge(after: dict, repetition=(0.10, 0.10)):
+    before = dict(STYLE, repetition_rate=repetition[0])
+    return style.judge(before, dict(after, repetition_rate=repetition[1]), AUTHOR, GENERIC)
+
+
+def test_voice_judgement_says_toward_away_or_not_at_all():
+    toward = _judge(dict(words_per_answer=50.0, words_per_sentence=13.0, stock_phrase_share=0.0,
+                         first_person_per_100_words=2.5))  # fmt: skip
+    assert toward["verdict"] == "toward the author" and toward["metrics_closer"] == 4
+    # distances in author-generic gaps: words/answer 60/80 -> 10/80
+    assert toward["metrics"]["words_per_answer"]["distance_before"] == 0.75
+    assert toward["metrics"]["words_per_answer"]["distance_after"] == 0.125
+    away = _judge(dict(words_per_answer=150.0, words_per_sentence=26.0, stock_phrase_share=1.0,
+                       first_person_per_100_words=0.0))  # fmt: skip
+    assert away["verdict"] == "away from the author" and away["metrics_closer"] == 0
+    still = _judge(dict(STYLE, words_per_answer=101.0))
+    assert still["verdict"] == "not at all" and "moved not at all" in style.verdict_line(still)
+
+
+def test_repetition_rising_more_than_005_is_flagged():
+    flagged = _judge(STYLE, repetition=(0.16, 0.27))
+    assert flagged["repetition_flagged"] and "REPETITION UP" in style.verdict_line(flagged)
+    assert not _judge(STYLE, repetition=(0.16, 0.20))["repetition_flagged"]

@@ -1,4 +1,4 @@
-"""End to end on the embedded SmolLM2-135M-Instruct (make test-slow; CI runs it too)."""
+"""End to end on the embedded SmolLM2-135M-Instruct and the twin made from it (make test-slow; CI runs it too)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ def shared_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.mark.usefixtures("shared_cache")
-def test_embedded_model_converts_once_and_trains(tmp_path):
-    from pipeline.model import paths
+def test_embedded_model_converts_once_and_trains_on_the_twin(tmp_path):
+    """The default dpo_lora as a fresh clone runs it: convert the model, build the twin (full SFT), DPO, export."""
+    from pipeline.model import paths, twin
+    from pipeline.recipe import TWIN_MODEL
 
     first = paths.embedded_model_dir()
     assert (first / "config.json").is_file() and (first / "chat_template.jinja").is_file()
@@ -49,7 +51,13 @@ def test_embedded_model_converts_once_and_trains(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "building the twin once" in out.stdout and "twin ready" in out.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
+    folder = paths.resolve_model_path(TWIN_MODEL)  # the cached twin: no second build
+    info = twin.describe(folder)
+    assert summary["model_path"] == folder and info["sft_steps"] == 100
+    assert info["sft_held_out_loss"][1] < info["sft_held_out_loss"][0] - 0.5  # SFT learned the author's answers
+    assert summary["held_out_precision"] == "float32"
     assert summary["steps"] == 3 and summary["trainable_parameters"] < summary["total_parameters"] / 10
     assert summary["eval_before"]["reward_margin"] == 0.0
     assert (

@@ -154,6 +154,7 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
             "author_reference": style.metrics([p.chosen for p in held]),
             "generic_reference": style.metrics([p.rejected for p in held]),
         },
+        "voice": None,
         "generations": [
             {"question": q, "before": b, "after": a} for q, b, a in zip(FIXED_QUESTIONS, before, after, strict=True)
         ],
@@ -161,6 +162,8 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
         "decoding": "greedy, fp32, seed 0",
         "seconds": round(time.perf_counter() - start, 1),
     }
+    st = report["style"]
+    report["voice"] = style.judge(st["before"], st["after"], st["author_reference"], st["generic_reference"])
     write_json_atomic(run_dir / "eval.json", report)
     write_text_atomic(run_dir / "samples.md", samples_markdown(report))
     return report
@@ -168,27 +171,40 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
 
 def samples_markdown(report: dict[str, Any]) -> str:
     b, a = report["style"]["before"], report["style"]["after"]
+    author = report["style"]["author_reference"]
+    voice = report.get("voice") or {}
+    distances = voice.get("metrics", {})
     lines = [
         f"# Samples: {report['run']}",
         "",
-        f"Greedy, {report['max_new_tokens']} new tokens at most. Style of these answers (before -> after):",
+        f"Greedy, {report['max_new_tokens']} new tokens at most. Style of these answers (before -> after), and the "
+        "distance of each to the author's held-out answers, in units of the gap between the author's and the generic "
+        "held-out answers:",
         "",
-        "| metric | untouched twin | trained | author's held-out answers |",
-        "|---|---|---|---|",
+        "| metric | untouched twin | trained | author's held-out answers | distance before -> after |",
+        "|---|---|---|---|---|",
     ]
     for key in b:
-        lines.append(f"| {key} | {b[key]:.3f} | {a[key]:.3f} | {report['style']['author_reference'][key]:.3f} |")
+        d = distances.get(key)
+        moved = f"{d['distance_before']:.2f} -> {d['distance_after']:.2f}" if d else "(judged on its own)"
+        lines.append(f"| {key} | {b[key]:.3f} | {a[key]:.3f} | {author[key]:.3f} | {moved} |")
+    if voice:
+        lines += ["", f"**{style.verdict_line(voice)}**"]
     for g in report["generations"]:
         lines += ["", f"## {g['question']}", "", f"**Untouched twin:** {g['before']}", "", f"**Trained:** {g['after']}"]
     return "\n".join(lines) + "\n"
 
 
 def describe(report: dict[str, Any]) -> str:
-    b, a = report["style"]["before"], report["style"]["after"]
-    return (
-        f"style (untouched -> trained): {b['words_per_answer']:.0f} -> {a['words_per_answer']:.0f} words/answer, "
-        f"{b['words_per_sentence']:.1f} -> {a['words_per_sentence']:.1f} words/sentence, stock phrases in "
-        f"{b['stock_phrase_share']:.0%} -> {a['stock_phrase_share']:.0%} of answers, first person "
-        f"{b['first_person_per_100_words']:.1f} -> {a['first_person_per_100_words']:.1f} per 100 words, "
-        f"repetition {b['repetition_rate']:.2f} -> {a['repetition_rate']:.2f}"
+    """The style lines a run prints at its end: each metric against the author's yardstick, then the verdict."""
+    voice = report.get("voice") or style.judge(
+        report["style"]["before"],
+        report["style"]["after"],
+        report["style"]["author_reference"],
+        report["style"]["generic_reference"],
+    )
+    return "\n".join(
+        ["style of the greedy answers, untouched -> trained (distance to the author's held-out answers):"]
+        + style.distance_lines(voice)
+        + [style.verdict_line(voice)]
     )

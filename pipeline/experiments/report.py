@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline import run_folder
 from pipeline.data.questions import FIXED_QUESTIONS
+from pipeline.evaluation import style
 from pipeline.storage import dir_size, human_bytes, read_json
 
 STYLE_COLUMNS = (
@@ -47,6 +48,28 @@ def load(folder: Path, name: str | None = None) -> Run:
     return Run(name or summary.get("recipe", folder.name), folder, summary, run_folder.read_metrics(folder), ev)
 
 
+def voice(run: Run) -> dict[str, Any] | None:
+    """The run's voice judgement (evaluation/style.py judge): from eval.json, recomputed for older eval files."""
+    ev = run.eval or {}
+    if ev.get("voice"):
+        return ev["voice"]
+    st = ev.get("style")
+    if not st:
+        return None
+    return style.judge(st["before"], st["after"], st["author_reference"], st["generic_reference"])
+
+
+def voice_cell(run: Run) -> str:
+    """`toward the author (0.74 -> 0.20)`, with the repetition flag when repetition rose by more than 0.05."""
+    j = voice(run)
+    if j is None:
+        return ""
+    cell = f"{j['verdict']} ({j['mean_distance_before']:.2f} -> {j['mean_distance_after']:.2f})"
+    if j["repetition_flagged"]:
+        cell += f"; repetition up {j['repetition_after'] - j['repetition_before']:+.2f}"
+    return cell
+
+
 def artifact_size(run: Run) -> int:
     return dir_size(run.folder / run.summary.get("artifact", "adapter"))
 
@@ -70,6 +93,7 @@ def cost_table(run_list: list[Run], baseline: Run | None) -> list[str]:
         "artifact",
         "held-out reward acc.",
         "held-out margin",
+        "voice moved",
     ] + [c[1] for c in STYLE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     b = baseline
@@ -92,6 +116,7 @@ def cost_table(run_list: list[Run], baseline: Run | None) -> list[str]:
                 f"{after.get(k, float('nan')):.3f}{_ratio(after.get(k), base_after.get(k))}"
                 for k in ("reward_accuracy", "reward_margin")
             ),
+            voice_cell(run),
         ]
         for key, _, fmt in STYLE_COLUMNS:
             value = style.get(key)
@@ -181,14 +206,15 @@ def sweep_page(recipe_spec: str, ranked: list[Run], seconds: float) -> str:
     lines = [
         f"# Sweep of {recipe_spec}: {len(ranked)} runs",
         "",
-        "Ranked by held-out reward accuracy, then by the voice of the greedy answers to the fixed questions: "
-        "fewer answers with stock phrases, more first person, less repetition. Read the answers below before "
+        "Ranked by held-out reward accuracy, then runs whose repetition rose by more than 0.05 last, then by how "
+        "close the greedy answers to the fixed questions came to the author's held-out answers (mean distance over "
+        "the style metrics, in author-generic gaps; the same judgement a run prints). Read the answers below before "
         "you trust the ranking: that is how the Handbook's authors picked their twin.",
         "",
-        "| rank | run | held-out reward acc. | margin | "
+        "| rank | run | held-out reward acc. | margin | voice moved (distance before -> after) | "
         + " | ".join(c[1] for c in STYLE_COLUMNS)
         + " | reference pass |",
-        "|" + "---|" * (5 + len(STYLE_COLUMNS)),
+        "|" + "---|" * (6 + len(STYLE_COLUMNS)),
     ]
     for rank, run in enumerate(ranked, 1):
         after = run.summary["eval_after"]
@@ -196,6 +222,7 @@ def sweep_page(recipe_spec: str, ranked: list[Run], seconds: float) -> str:
         ref = reference_status(run.summary)
         lines.append(
             f"| {rank} | {run.name} | {after['reward_accuracy']:.3f} | {after['reward_margin']:.3f} | "
+            f"{voice_cell(run)} | "
             + " | ".join(fmt.format(style[k]) if k in style else "" for k, _, fmt in STYLE_COLUMNS)
             + f" | {ref} |"
         )

@@ -36,14 +36,13 @@ def _label(point: dict[str, str]) -> str:
 
 
 def rank_key(run: report.Run):
-    """Held-out reward accuracy first; then fewer stock phrases, more first person, less repetition."""
+    """Held-out reward accuracy first; then a flagged repetition rise last; then closest to the author's voice."""
     after = run.summary.get("eval_after") or {}
-    style = (run.eval or {}).get("style", {}).get("after", {})
+    voice = report.voice(run) or {}
     return (
         -round(after.get("reward_accuracy", 0.0), 3),
-        style.get("stock_phrase_share", 1.0),
-        -style.get("first_person_per_100_words", 0.0),
-        style.get("repetition_rate", 1.0),
+        voice.get("repetition_flagged", True),
+        voice.get("mean_distance_after", float("inf")),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+TWIN_MODEL = "twin:sft_twin"  # the embedded twin: recipes/sft_twin.py applied to EMBEDDED_MODEL, merged (model/twin.py)
 EXPORT_FORMATS = ("adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -16,7 +17,9 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = EMBEDDED_MODEL
-    """The twin: a local folder, a Hugging Face Hub id, or `embedded:smollm2-135m-instruct` (ships with twin-dpo)."""
+    """The twin: a local folder, a Hugging Face Hub id, `twin:sft_twin` (the embedded twin: SmolLM2-135M-Instruct after
+    LoRA SFT on the author's answers, built once and cached) or `embedded:smollm2-135m-instruct` (the instruct model
+    itself, which ships with twin-dpo). `twin:<recipe>` builds the twin from any SFT recipe."""
     backend: str = field(default="auto", metadata={"choices": ("auto", "hf", "unsloth")})
     """`auto` (unsloth on a CUDA GPU when installed, else hf), `unsloth` or `hf`."""
     load_in_4bit: bool = False

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.model import adapters
+from pipeline.model import adapters, twin
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
 from pipeline.storage import human_bytes
-from pipeline.training import arguments, fast_head, reference
+from pipeline.training import arguments, exact_eval, fast_head, reference
 from pipeline.training.callbacks import run_log
 from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
@@ -63,10 +63,14 @@ def train(
     prec = precision(recipe, backend.device)
     with Run.open(recipe, run_dir, resume, force, prec.autocast, started) as run:
         announce(prep, run)
+        print(
+            f"[twin-dpo] model: {model_description(recipe, prep.path)}; reference: {reference_kind(recipe)}", flush=True
+        )
         loaded = load_model(prep, run)
         run.start_clock()
         trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [])
         head = _install_head(trainer, recipe)
+        held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         reference_info = attach_reference(trainer, recipe, loaded)
         try:
             before, after = run.fit(trainer, eval_block)
@@ -84,10 +88,12 @@ def train(
             len(prep.train_rows),
             before,
             after,
+            model=model_description(recipe, loaded.path),
             twin_adapter=recipe.model.adapter,
             reference=reference_kind(recipe),
             **reference_info,
             lm_head=head,
+            held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),
             mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1),
             eval_pairs=len(prep.eval_rows),
             artifact=artifact,
@@ -154,21 +160,37 @@ def reference_kind(recipe: Recipe) -> str:
         else:
             kind = "a frozen copy of the twin adapter on the shared base (one base in memory, two adapters)"
     else:
-        kind = "base with the adapter switched off" if recipe.method == "lora" else "separate frozen copy of the model"
+        kind = (
+            "the same model with the adapter switched off"
+            if recipe.method == "lora"
+            else "separate frozen copy of the model"
+        )
     return kind + (
         "; its log-probs computed once before training" if recipe.train.precompute_ref else "; run at every step"
     )
+
+
+def model_description(recipe: Recipe, path: str) -> str:
+    """What the policy starts from, in words: the embedded twin's recipe, a twin adapter, or the model named."""
+    made = twin.describe(path)
+    if made:
+        return f"the twin {recipe.model.name_or_path}: {made['what']} ({path})"
+    if recipe.model.adapter:
+        return f"{recipe.model.name_or_path} with the twin adapter {recipe.model.adapter}"
+    return f"{recipe.model.name_or_path} ({path})" if path != recipe.model.name_or_path else path
 
 
 def describe(summary: dict[str, Any], run_dir: Path) -> str:
     b, a = summary["eval_before"], summary["eval_after"]
     return "\n".join(
         [
+            f"model: {summary['model']}; reference: {summary['reference']}",
             f"done: {summary['steps']} steps, {summary['pairs_trained']} pairs in {summary['train_seconds']:.0f} s "
             f"({summary['pairs_per_second']:.2f} pairs/s, {summary['tokens_per_second']:.0f} tokens/s); "
             f"model load {summary['load_seconds']:.0f} s, evaluation {summary['eval_seconds']:.0f} s; "
             f"peak memory {human_bytes(summary['peak_memory_bytes'])}",
-            f"held-out ({summary['backend']}): reward accuracy {b['reward_accuracy']:.3f} -> "
+            f"held-out ({summary['backend']}, computed in {summary.get('held_out_precision', 'float32')}): "
+            f"reward accuracy {b['reward_accuracy']:.3f} -> "
             f"{a['reward_accuracy']:.3f}, "
             f"margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, loss {b['loss']:.4f} -> {a['loss']:.4f}",
             f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,}",

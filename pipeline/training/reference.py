@@ -13,6 +13,7 @@ any of them (model, adapter, data, chat template, precision) misses the cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.storage import cache_root, hasher
-from pipeline.training import trl_compat
+from pipeline.training import exact_eval, trl_compat
 
 BATCH = 8  # pairs per no-grad forward (and per evaluation batch): sorted by length, so batches pad little
 
@@ -69,7 +70,7 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     h.update(
         f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trl_compat.ld_alpha(trainer)};"
         f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
-        f"batch={BATCH};head={_head(trainer)}".encode()
+        f"batch={BATCH};head={_head(trainer)};eval_fp32={exact_eval.applies(trainer)}".encode()
     )
     for dataset in datasets:
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -83,7 +84,8 @@ def _compute(trainer, dataset, progress_desc: str, sort: bool) -> tuple[torch.Te
     """Reference log-probs for every row of a TRL-tokenized dataset, in length-sorted batches if `sort`.
 
     The eval set comes already sorted and is read in its own order, so these batches are exactly the
-    evaluation's batches and an untouched policy scores rewards of exactly zero.
+    evaluation's batches, computed in the evaluation's precision (training/exact_eval.py: fp32 where training
+    runs under CPU autocast), and an untouched policy scores rewards of exactly zero.
     """
     from tqdm.auto import tqdm
 
@@ -133,7 +135,9 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
     else:
         tensors = {}
         for name in names:
-            c, r = _compute(trainer, datasets[name], f"reference log-probs ({name})", sort=name == "train")
+            exact = exact_eval.full_precision(trainer) if name == "eval" else contextlib.nullcontext()
+            with exact:
+                c, r = _compute(trainer, datasets[name], f"reference log-probs ({name})", sort=name == "train")
             tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = c, r
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
