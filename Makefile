@@ -78,7 +78,7 @@ $(GGUF_STAMP): $(STAMP) constraints/llama-cpp-sdist.txt
 
 STEPFLAG := $(if $(STEPS),--max-steps $(STEPS),)
 
-dpo-lora: setup ## LoRA DPO on the embedded twin (reference = adapter off); ~5 min on 2 cores
+dpo-lora: setup ## LoRA DPO on the embedded twin (reference = the twin, adapter off); the first run builds the twin (~5 min)
 	$(PY) -m pipeline train dpo_lora $(STEPFLAG) $(SETS)
 
 dpo-qlora: setup ## the same with the base in 4-bit NF4
@@ -87,7 +87,7 @@ dpo-qlora: setup ## the same with the base in 4-bit NF4
 dpo-full: setup ## full DPO with a separate frozen reference (the baseline)
 	$(PY) -m pipeline train dpo_full $(STEPFLAG) $(SETS)
 
-sft: setup ## make the twin: LoRA SFT on the author's answers (recipes/sft_twin.py)
+sft: setup ## the twin as an adapter: LoRA SFT on the author's answers (recipes/sft_twin.py), for dpo-lora-twin
 	$(PY) -m pipeline sft sft_twin $(STEPFLAG) $(SETS)
 
 dpo-lora-twin: setup ## LoRA DPO on the newest twin adapter (make sft first); frozen copy as reference

@@ -53,8 +53,10 @@ def main() -> None:
 
     from pipeline.model.backend import cpu_has_bf16
     from pipeline.model.paths import resolve_model_path
+    from pipeline.training import twin
 
-    path = resolve_model_path(recipe.model.name_or_path)
+    spec = recipe.model.name_or_path
+    path = str(twin.model_dir(spec)) if spec.startswith(twin.PREFIX) else resolve_model_path(spec)
     load_start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from pipeline.model import paths, twin
 from pipeline.recipe import EMBEDDED_MODEL, TWIN_MODEL
-from pipeline.training import dpo
+from pipeline.training import dpo, twin
 
 SFT_RECIPE = """
 from dataclasses import replace
@@ -51,7 +50,7 @@ def test_twin_is_built_once_then_reused(tiny_llama, small_data, tmp_path, monkey
     real = sft_module.sft
     monkeypatch.setattr(sft_module, "sft", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = f"{twin.PREFIX}{_write_recipe(tmp_path, tiny_llama, small_data, 3e-3)}"
-    folder = Path(paths.resolve_model_path(spec))
+    folder = Path(twin.model_dir(spec))
     assert calls == [1]
     out = capsys.readouterr().out
     assert "building the twin once" in out and "twin ready" in out
@@ -67,14 +66,14 @@ def test_twin_is_built_once_then_reused(tiny_llama, small_data, tmp_path, monkey
     moved = [k for k in base if not torch.equal(base[k], merged[k])]
     assert moved and all("proj" in k for k in moved)
 
-    assert Path(paths.resolve_model_path(spec)) == folder  # reused: no second SFT
+    assert Path(twin.model_dir(spec)) == folder  # reused: no second SFT
     assert calls == [1]
     assert "building" not in capsys.readouterr().out
 
 
 def test_a_changed_sft_recipe_builds_another_twin(tiny_llama, small_data, tmp_path):
-    first = Path(paths.resolve_model_path(f"{twin.PREFIX}{_write_recipe(tmp_path, tiny_llama, small_data, 3e-3)}"))
-    second = Path(paths.resolve_model_path(f"{twin.PREFIX}{_write_recipe(tmp_path, tiny_llama, small_data, 1e-3)}"))
+    first = Path(twin.model_dir(f"{twin.PREFIX}{_write_recipe(tmp_path, tiny_llama, small_data, 3e-3)}"))
+    second = Path(twin.model_dir(f"{twin.PREFIX}{_write_recipe(tmp_path, tiny_llama, small_data, 1e-3)}"))
     assert first != second and first.is_dir() and second.is_dir()
     a, b = _weights(first), _weights(second)
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -87,9 +86,11 @@ def test_dpo_trains_on_the_twin_with_the_twin_as_reference(tiny_llama, small_dat
 
     recipe = replace(recipe, model=replace(recipe.model, name_or_path=spec))
     summary, run_dir = dpo.train(recipe, tmp_path / "run", max_steps=1)
-    folder = paths.resolve_model_path(spec)
+    folder = str(twin.model_dir(spec))
     assert summary["model_path"] == folder
-    assert "the twin" in summary["model"] and "LoRA SFT (tiny-sft)" in summary["model"]
+    # recipe.json names the folder the run trained on (as runs:<recipe> adapters are pinned)
+    assert json.loads((run_dir / "recipe.json").read_text())["model"]["name_or_path"] == folder
+    assert summary["model"].startswith(f"the twin {spec}: ") and "LoRA SFT (tiny-sft)" in summary["model"]
     assert summary["reference"].startswith("the same model with the adapter switched off")
     assert summary["eval_before"]["reward_margin"] == 0.0  # the twin is its own reference before training
     adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
@@ -115,8 +116,9 @@ def test_shipped_recipes_name_the_twin():
         ("twin:no_such_recipe", "unknown recipe 'no_such_recipe'"),
     ],
 )
-def test_a_twin_spec_that_names_no_sft_recipe_is_one_line(spec, message):
-    from pipeline.errors import UserError
+def test_a_twin_spec_that_names_no_sft_recipe_is_one_line(spec, message, capsys):
+    from pipeline import cli
 
-    with pytest.raises(UserError, match=message):
-        paths.resolve_model_path(spec)
+    assert cli.main(["train", "dpo_lora", "--set", f"model.name_or_path={spec}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -61,6 +61,9 @@ def test_compare_quick_version_writes_curves_and_four_rows(tiny_llama, small_dat
     assert names[:5] == ["run", "dpo-lora", "dpo-qlora", "dpo-full", "trl-baseline"]
     assert [line.split("|")[2].strip() for line in table[1:5]][2:] == ["every step", "every step"]
     assert "(1.00x)" in table[4] and "x)" in table[1]
+    verdicts = ("toward the author", "away from the author", "not at all")
+    assert table[0].split("|")[11].strip() == "voice moved"
+    assert all(line.split("|")[11].strip().startswith(verdicts) for line in table[1:5])  # the run's own judgement
     for name in ("dpo-lora", "dpo-qlora", "dpo-full", "trl-baseline"):
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["pairs_trained"] == 4
@@ -91,6 +94,8 @@ def test_sweep_reuses_the_reference_after_the_first_run(tiny_llama, small_data, 
     assert second["reference_cache"] == first["reference_cache"]
     report = (out / "report.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report and "read from cache" in report and "once, " in report
+    rows = [line.split("|") for line in report.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert "voice moved" in report and all(r[5].strip().startswith(("toward", "away", "not at all")) for r in rows)
 
 
 def test_sweep_rejects_a_bad_grid_before_training(capsys, tmp_path):

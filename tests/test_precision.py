@@ -37,3 +37,15 @@ def test_fp32_runs_are_left_alone(tiny_llama, small_data, tmp_path):
     summary = _one_step(tiny_llama, small_data, tmp_path, "float32")
     assert summary["precision"] == "weights float32, compute float32"
     assert summary["held_out_precision"] == "float32"
+
+
+@pytest.mark.parametrize("sets", [["method=full", "train.precompute_ref=false"], ["train.precompute_ref=false"]])
+def test_bf16_untrained_policy_scores_exactly_zero_with_the_reference_run_live(tiny_llama, small_data, tmp_path, sets):
+    """Full DPO runs its reference model at every step (TRL prepares it with accelerate's autocast wrapper), LoRA
+    without the cache runs the base with the adapter off: in both, held-out evaluation is fp32 on both sides."""
+    recipe = apply_overrides(
+        tiny_recipe(tiny_llama, small_data, learning_rate=1e-7), ["model.dtype=bfloat16", "train.eval_every=0", *sets]
+    )
+    summary = dpo.train(recipe, tmp_path / "run", max_steps=1)[0]
+    assert summary["held_out_precision"] == "float32"
+    assert summary["eval_before"]["reward_margin"] == 0.0 and summary["eval_before"]["reward_accuracy"] == 0.0

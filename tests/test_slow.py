@@ -20,8 +20,9 @@ def shared_cache(tmp_path_factory, monkeypatch):
 @pytest.mark.usefixtures("shared_cache")
 def test_embedded_model_converts_once_and_trains_on_the_twin(tmp_path):
     """The default dpo_lora as a fresh clone runs it: convert the model, build the twin (full SFT), DPO, export."""
-    from pipeline.model import paths, twin
+    from pipeline.model import paths
     from pipeline.recipe import TWIN_MODEL
+    from pipeline.training import twin
 
     first = paths.embedded_model_dir()
     assert (first / "config.json").is_file() and (first / "chat_template.jinja").is_file()
@@ -53,7 +54,7 @@ def test_embedded_model_converts_once_and_trains_on_the_twin(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "building the twin once" in out.stdout and "twin ready" in out.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    folder = paths.resolve_model_path(TWIN_MODEL)  # the cached twin: no second build
+    folder = str(twin.model_dir(TWIN_MODEL))  # the cached twin: no second build
     info = twin.describe(folder)
     assert summary["model_path"] == folder and info["sft_steps"] == 100
     assert info["sft_held_out_loss"][1] < info["sft_held_out_loss"][0] - 0.5  # SFT learned the author's answers

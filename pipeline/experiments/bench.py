@@ -27,6 +27,7 @@ from pipeline.experiments import bench_report, children
 from pipeline.model import paths
 from pipeline.model.backend import cuda_available, precision
 from pipeline.storage import cache_root, read_json, write_json_atomic, write_text_atomic
+from pipeline.training import twin
 
 ABLATIONS = (  # each lever switched off on its own
     ("completion-only LM head off (TRL's head)", ["train.fast_head=false"]),
@@ -136,6 +137,9 @@ def bench(
     of `ablation_steps` (they measure speed)."""
     overrides = overrides or []
     recipe = recipes.resolve("dpo_lora", overrides)
+    if recipe.model.name_or_path.startswith(twin.PREFIX):  # built once here: the cold runs' empty caches keep it
+        overrides = overrides + [f"model.name_or_path={twin.model_dir(recipe.model.name_or_path)}"]
+        recipe = recipes.resolve("dpo_lora", overrides)
     if not children.BASELINE.is_file():
         raise UserError(f"bench needs the TRL baseline script {children.BASELINE}; run it from a twin-dpo checkout")
     out.mkdir(parents=True, exist_ok=True)

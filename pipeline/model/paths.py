@@ -1,6 +1,6 @@
 """Where the twin's weights are: a local folder (checked: safetensors only unless allowed), a Hub id, the
 embedded SmolLM2-135M-Instruct (converted once from its GGUF into a normal Hugging Face folder in the cache), or
-`twin:<sft recipe>`, the embedded twin made from it (model/twin.py: built once, cached)."""
+`twin:<sft recipe>`, which training resolves (training/twin.py: built once, cached)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.model import embedded, twin
-from pipeline.recipe import EMBEDDED_MODEL
+from pipeline.model import embedded
+from pipeline.recipe import EMBEDDED_MODEL, TWIN_PREFIX
 from pipeline.storage import cache_root, looks_like_hub_id
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -58,8 +58,11 @@ def resolve_model_path(name_or_path: str, allow_pickle: bool = False, key: str =
     """A local folder (checked), a Hub id (left to from_pretrained), or the embedded model (converted once)."""
     if name_or_path == EMBEDDED_MODEL:
         return str(embedded_model_dir())
-    if name_or_path.startswith(twin.PREFIX):
-        return str(twin.model_dir(name_or_path[len(twin.PREFIX) :]))
+    if name_or_path.startswith(TWIN_PREFIX):
+        raise UserError(
+            f"{key}: {name_or_path} names a twin that `python -m pipeline train` builds and records as a folder; "
+            "give that folder here (a run's recipe.json names it)"
+        )
     if name_or_path.startswith("embedded:"):
         raise UserError(f"{key}: unknown embedded model '{name_or_path}'; the only one is {EMBEDDED_MODEL}")
     path = Path(name_or_path).expanduser()

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-TWIN_MODEL = "twin:sft_twin"  # the embedded twin: recipes/sft_twin.py applied to EMBEDDED_MODEL, merged (model/twin.py)
+TWIN_PREFIX = "twin:"  # `twin:<SFT recipe>`: the model that recipe makes, merged, built once (training/twin.py)
+TWIN_MODEL = "twin:sft_twin"  # the embedded twin: recipes/sft_twin.py applied to EMBEDDED_MODEL
 EXPORT_FORMATS = ("adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.model import adapters, twin
+from pipeline.model import adapters
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
 from pipeline.storage import human_bytes
-from pipeline.training import arguments, exact_eval, fast_head, reference
+from pipeline.training import arguments, exact_eval, fast_head, reference, twin
 from pipeline.training.callbacks import run_log
 from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
@@ -174,7 +174,7 @@ def model_description(recipe: Recipe, path: str) -> str:
     """What the policy starts from, in words: the embedded twin's recipe, a twin adapter, or the model named."""
     made = twin.describe(path)
     if made:
-        return f"the twin {recipe.model.name_or_path}: {made['what']} ({path})"
+        return f"the twin {made['spec']}: {made['what']} ({path})"
     if recipe.model.adapter:
         return f"{recipe.model.name_or_path} with the twin adapter {recipe.model.adapter}"
     return f"{recipe.model.name_or_path} ({path})" if path != recipe.model.name_or_path else path

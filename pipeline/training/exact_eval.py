@@ -24,6 +24,7 @@ import functools
 import torch
 
 FLAG = "_twin_dpo_fp32_now"
+HEAD = "_twin_dpo_head_forward"  # set by training/fast_head.py: the forward it installed
 
 
 def applies(trainer) -> bool:
@@ -51,14 +52,20 @@ def install(trainer) -> bool:
     for model in models:
         if getattr(model, "_twin_dpo_exact_eval", False):
             continue
-        original = model.forward
+        current = model.forward
+        # TRL prepares a separate reference model with accelerate at once, which wraps its forward in autocast and
+        # keeps the unwrapped one as `_original_forward`; switching autocast off outside that wrapper would not
+        # hold inside it, so full precision calls the unwrapped forward (unless our LM head replaced the wrapper).
+        plain = current
+        if getattr(model, "_original_forward", None) is not None and current is not getattr(model, HEAD, None):
+            plain = model._original_forward
         device_type = next(model.parameters()).device.type
 
-        def forward(*args, _original=original, _model=model, _device=device_type, **kwargs):
+        def forward(*args, _current=current, _plain=plain, _model=model, _device=device_type, **kwargs):
             if getattr(_model, FLAG, False):
                 with torch.autocast(_device, enabled=False):
-                    return _original(*args, **kwargs)
-            return _original(*args, **kwargs)
+                    return _plain(*args, **kwargs)
+            return _current(*args, **kwargs)
 
         model.forward = forward
         model._twin_dpo_exact_eval = True

@@ -180,6 +180,7 @@ def install_completion_head(
         )
 
     model.forward = types.MethodType(forward, model)
+    model._twin_dpo_head_forward = model.forward  # training/exact_eval.py tells it from accelerate's wrapper
     model._twin_dpo_head = f"completion-only, {CHUNK} rows per slice"  # part of the reference cache key
     return True
 

@@ -14,6 +14,7 @@ from pipeline import recipe as recipes
 from pipeline.model import adapters, hf, paths, runtime, unsloth
 from pipeline.model.backend import Backend, precision, resolve_backend
 from pipeline.recipe import Recipe
+from pipeline.training import twin
 from pipeline.training.run import Run
 
 
@@ -50,6 +51,10 @@ def prepare(recipe: Recipe) -> Prepared:
     recipes.validate(recipe)
     backend = resolve_backend(recipe)
     train_pairs, eval_pairs = data_mod.load_splits(recipe.data, announce=True)
+    if recipe.model.name_or_path.startswith(twin.PREFIX):
+        # build the twin once (or find it), and pin the folder it means now, so recipe.json names the same weights
+        folder = str(twin.model_dir(recipe.model.name_or_path))
+        recipe = replace(recipe, model=replace(recipe.model, name_or_path=folder))
     path = paths.resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
     if recipe.model.adapter:
         adapter_dir = adapters.resolve(recipe.model.adapter)

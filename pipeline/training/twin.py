@@ -8,6 +8,8 @@ reference is the twin itself with the DPO adapter off. `twin:<recipe name or .py
 The folder is keyed by what makes it: the base's weights, the SFT data files, the SFT recipe and the library
 versions that train it. A change to any of them builds a new twin; otherwise every run reuses the folder. It
 is built under a temporary name and renamed when complete, so a killed build leaves nothing that looks done.
+Training resolves the name (training/prepare.py) and records the folder in the run's recipe.json, as it pins
+`runs:<recipe>` adapters, so evaluation and export read a plain model folder.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline import recipe as recipes
+from pipeline.data import EMBEDDED
 from pipeline.errors import UserError
+from pipeline.model import runtime
+from pipeline.model.paths import resolve_model_path
 from pipeline.storage import cache_root, hasher, read_json, write_json_atomic
 
-PREFIX = "twin:"
+PREFIX = recipes.TWIN_PREFIX
 INFO = "twin.json"
 
 
 def _sft_recipe(spec: str):
-    from pipeline import recipe as recipes
-
     recipe = recipes.load_recipe(spec)
     if recipe.method != "sft":
         raise UserError(f"model.name_or_path=twin:{spec}: {spec} is a {recipe.method!r} recipe; name an SFT recipe")
@@ -46,10 +50,6 @@ def _hash_file(h, path: Path) -> None:
 
 def key(recipe, base_path: str) -> str:
     """What the twin depends on: base weights and config, SFT data, the SFT recipe, the training libraries."""
-    from pipeline import recipe as recipes
-    from pipeline.data import EMBEDDED
-    from pipeline.model import runtime
-
     h = hasher()
     folder = Path(base_path)
     if folder.is_dir():
@@ -74,18 +74,17 @@ def key(recipe, base_path: str) -> str:
 
 
 def model_dir(spec: str) -> Path:
-    """The twin for SFT recipe `spec` (a name or a .py path): the cached folder, or built now."""
-    return build(_sft_recipe(spec))
+    """The twin `spec` names (`twin:<SFT recipe name or .py path>`): the cached folder, or built now."""
+    spec = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+    return build(_sft_recipe(spec), spec)
 
 
 def cached(recipe, base_path: str) -> Path:
     return cache_root() / "twins" / f"{recipe.name}-{key(recipe, base_path)}"
 
 
-def build(recipe) -> Path:
+def build(recipe, spec: str | None = None) -> Path:
     """The merged twin for `recipe` (an SFT recipe): reused from the cache, or trained, merged and cached."""
-    from pipeline.model.paths import resolve_model_path
-
     base_path = resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
     target = cached(recipe, base_path)
     if (target / INFO).is_file():
@@ -105,6 +104,7 @@ def build(recipe) -> Path:
         _merge(recipe, base_path, run_dir / "adapter", work / "model")
         info = {
             "what": f"{recipe.model.name_or_path} + LoRA SFT ({recipe.name}) on the author's train answers, merged",
+            "spec": f"{PREFIX}{spec or recipe.name}",
             "base": recipe.model.name_or_path,
             "base_path": base_path,
             "sft_recipe": recipe.name,
