@@ -90,7 +90,7 @@ def test_dpo_trains_on_the_twin_with_the_twin_as_reference(tiny_llama, small_dat
     assert summary["model_path"] == folder
     # recipe.json names the folder the run trained on (as runs:<recipe> adapters are pinned)
     assert json.loads((run_dir / "recipe.json").read_text())["model"]["name_or_path"] == folder
-    assert summary["model"].startswith(f"the twin {spec}: ") and "LoRA SFT (tiny-sft)" in summary["model"]
+    assert summary["model"].startswith(f"{spec}, the twin: ") and "LoRA SFT (tiny-sft)" in summary["model"]
     assert summary["reference"].startswith("the same model with the adapter switched off")
     assert summary["eval_before"]["reward_margin"] == 0.0  # the twin is its own reference before training
     adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
