@@ -12,7 +12,7 @@ from pipeline.errors import UserError
 from pipeline.experiments import children, curves, report
 from pipeline.storage import write_text_atomic
 
-DEFAULT_GRID = ("train.learning_rate=5e-6,1e-5,2e-5", "train.beta=0.1,0.5")  # `make sweep` and --grid's default
+DEFAULT_GRID = ("train.learning_rate=1e-6,2e-6,5e-6", "train.beta=0.1,0.5")  # `make sweep` and --grid's default
 
 
 def parse_grid(grid: list[str]) -> list[dict[str, str]]:
