@@ -174,7 +174,8 @@ def model_description(recipe: Recipe, path: str) -> str:
     """What the policy starts from, in words: the embedded twin's recipe, a twin adapter, or the model named."""
     made = twin.describe(path)
     if made:
-        return f"{made['spec']}, the twin: {made['what']} ({path})"
+        spec = made.get("spec") or f"twin:{made.get('sft_recipe', '?')}"  # twin.json of an earlier build had no spec
+        return f"{spec}, the twin: {made['what']} ({path})"
     if recipe.model.adapter:
         return f"{recipe.model.name_or_path} with the twin adapter {recipe.model.adapter}"
     return f"{recipe.model.name_or_path} ({path})" if path != recipe.model.name_or_path else path
