@@ -84,11 +84,16 @@ def hasher():
         return hashlib.sha256()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def feed_file(h, path: Path) -> None:
+    """Stream a file's bytes into the hash object `h`, 16 MB at a time."""
     with Path(path).open("rb") as handle:
         while chunk := handle.read(1 << 24):
-            digest.update(chunk)
+            h.update(chunk)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    feed_file(digest, path)
     return digest.hexdigest()
 
 

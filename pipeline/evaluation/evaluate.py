@@ -30,7 +30,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation import style
 from pipeline.model import hf, paths, runtime
 from pipeline.model.backend import Backend, cuda_available
-from pipeline.storage import cache_root, hasher, read_json, write_json_atomic, write_text_atomic
+from pipeline.storage import cache_root, feed_file, hasher, read_json, write_json_atomic, write_text_atomic
 
 MAX_NEW_TOKENS = 128
 
@@ -64,9 +64,7 @@ def _fingerprint(path: str, recipe) -> str:
     if recipe.model.adapter:  # a twin adapter is part of the untouched twin
         files += sorted(Path(recipe.model.adapter).glob("*.safetensors"))
     for f in files:
-        with f.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                h.update(chunk)
+        feed_file(h, f)
     h.update(
         json.dumps(
             [

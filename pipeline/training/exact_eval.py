@@ -41,14 +41,20 @@ def _inner(trainer):
     return model.get_base_model() if is_peft_model(model) else model
 
 
+def _models(trainer) -> list:
+    """The transformers models a held-out evaluation runs: the policy's, and a separate reference if there is one."""
+    models = [_inner(trainer)]
+    if trainer.ref_model is not None:
+        models.append(trainer.accelerator.unwrap_model(trainer.ref_model))
+    return models
+
+
 def install(trainer) -> bool:
     """Wrap the model's forward so `full_precision` can switch autocast off inside accelerate's autocast wrapper,
     and make `trainer.evaluate` run in full precision. Returns whether it applies to this run."""
     if not applies(trainer):
         return False
-    models = [_inner(trainer)]
-    if trainer.ref_model is not None:
-        models.append(trainer.accelerator.unwrap_model(trainer.ref_model))
+    models = _models(trainer)
     for model in models:
         if getattr(model, "_twin_dpo_exact_eval", False):
             continue
@@ -86,9 +92,7 @@ def full_precision(trainer):
     if not getattr(_inner(trainer), "_twin_dpo_exact_eval", False):
         yield
         return
-    models = [_inner(trainer)]
-    if trainer.ref_model is not None:
-        models.append(trainer.accelerator.unwrap_model(trainer.ref_model))
+    models = _models(trainer)
     four_bit = [
         m for model in models for m in model.modules() if hasattr(m, "compute_dtype") and hasattr(m, "quant_state")
     ]

@@ -24,7 +24,7 @@ from pipeline.data import EMBEDDED
 from pipeline.errors import UserError
 from pipeline.model import runtime
 from pipeline.model.paths import resolve_model_path
-from pipeline.storage import cache_root, hasher, read_json, write_json_atomic
+from pipeline.storage import cache_root, feed_file, hasher, read_json, write_json_atomic
 
 PREFIX = recipes.TWIN_PREFIX
 INFO = "twin.json"
@@ -42,12 +42,6 @@ def _sft_recipe(spec: str):
     return recipe
 
 
-def _hash_file(h, path: Path) -> None:
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            h.update(chunk)
-
-
 def key(recipe, base_path: str) -> str:
     """What the twin depends on: base weights and config, SFT data, the SFT recipe, the training libraries."""
     h = hasher()
@@ -55,14 +49,14 @@ def key(recipe, base_path: str) -> str:
     if folder.is_dir():
         for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
             h.update(f.name.encode())
-            _hash_file(h, f)
+            feed_file(h, f)
     else:  # a Hub id: its name and revision
         h.update(f"{base_path}@{recipe.model.revision}".encode())
     for source in (recipe.data.train, recipe.data.eval):
         path = EMBEDDED.get(source) if source else None
         path = path or (Path(source).expanduser() if source else None)
         if path is not None and path.is_file():
-            _hash_file(h, path)
+            feed_file(h, path)
         else:
             h.update(str(source).encode())
     settings = recipes.to_dict(recipe)
