@@ -152,7 +152,6 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
             "author_reference": style.metrics([p.chosen for p in held]),
             "generic_reference": style.metrics([p.rejected for p in held]),
         },
-        "voice": None,
         "generations": [
             {"question": q, "before": b, "after": a} for q, b, a in zip(FIXED_QUESTIONS, before, after, strict=True)
         ],
@@ -160,8 +159,7 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
         "decoding": "greedy, fp32, seed 0",
         "seconds": round(time.perf_counter() - start, 1),
     }
-    st = report["style"]
-    report["voice"] = style.judge(st["before"], st["after"], st["author_reference"], st["generic_reference"])
+    report["voice"] = style.judge_styles(report["style"])
     write_json_atomic(run_dir / "eval.json", report)
     write_text_atomic(run_dir / "samples.md", samples_markdown(report))
     return report
@@ -195,12 +193,7 @@ def samples_markdown(report: dict[str, Any]) -> str:
 
 def describe(report: dict[str, Any]) -> str:
     """The style lines a run prints at its end: each metric against the author's yardstick, then the verdict."""
-    voice = report.get("voice") or style.judge(
-        report["style"]["before"],
-        report["style"]["after"],
-        report["style"]["author_reference"],
-        report["style"]["generic_reference"],
-    )
+    voice = report.get("voice") or style.judge_styles(report["style"])
     return "\n".join(
         ["style of the greedy answers, untouched -> trained (distance to the author's held-out answers):"]
         + style.distance_lines(voice)

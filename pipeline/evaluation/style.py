@@ -147,6 +147,11 @@ def judge(before: dict[str, float], after: dict[str, float], author: dict[str, f
     }
 
 
+def judge_styles(styles: dict) -> dict:
+    """`judge` on an eval.json `style` block (before, after, author_reference, generic_reference)."""
+    return judge(styles["before"], styles["after"], styles["author_reference"], styles["generic_reference"])
+
+
 def verdict_line(j: dict) -> str:
     """One line: where the voice went, and a repetition flag when it rose too much."""
     line = (

@@ -53,10 +53,7 @@ def voice(run: Run) -> dict[str, Any] | None:
     ev = run.eval or {}
     if ev.get("voice"):
         return ev["voice"]
-    st = ev.get("style")
-    if not st:
-        return None
-    return style.judge(st["before"], st["after"], st["author_reference"], st["generic_reference"])
+    return style.judge_styles(ev["style"]) if ev.get("style") else None
 
 
 def voice_cell(run: Run) -> str:
