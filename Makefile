@@ -13,10 +13,10 @@ PY := $(BIN)/python
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 ifeq ($(GPU),1)
 CONSTRAINTS := constraints/gpu.txt
-EXTRAS := dev,gpu
+EXTRAS := dev,gpu,track
 else
 CONSTRAINTS := constraints/cpu.txt
-EXTRAS := dev
+EXTRAS := dev,track
 endif
 STAMP := $(VENV)/.twin-dpo-setup-gpu$(GPU)
 GGUF_STAMP := $(VENV)/.twin-dpo-gguf

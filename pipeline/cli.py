@@ -14,6 +14,7 @@ on the unsloth path nothing imports transformers before Unsloth does (pipeline/m
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -67,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe name (dpo_lora, dpo_qlora, dpo_full) or path to a recipe .py file")
     _run_options(train)
     train.add_argument("--no-eval", action="store_true", help="skip answering the fixed questions after training")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N processes through accelerate's launcher (DDP; gloo on CPU, one GPU each on CUDA); "
+        "train.batch_size stays per process",
+    )
+    train.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="FILE",
+        help="with --nproc: an accelerate config file (FSDP, DeepSpeed, several machines; see configs/accelerate/)",
+    )
 
     sft = sub.add_parser("sft", help="make the twin: LoRA SFT on the author's answers (recipes/sft_twin.py)")
     sft.add_argument("recipe", nargs="?", default="sft_twin")
@@ -172,16 +187,54 @@ def _cmd_train(args) -> int:
         raise UserError(
             f"{args.recipe} is an SFT recipe (method 'sft'); run it with `python -m pipeline sft {args.recipe}`"
         )
-    from pipeline.training import dpo
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise UserError(f"--accelerate-config {args.accelerate_config}: no such file")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        run_dir = _launch(args, recipe)
+    else:
+        from pipeline.training import distributed, dpo
 
-    summary, run_dir = dpo.train(recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force)
-    print(dpo.describe(summary, run_dir), flush=True)
+        summary, run_dir = dpo.train(
+            recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force
+        )
+        print(dpo.describe(summary, run_dir), flush=True)
+        if not distributed.is_main():
+            return 0  # rank 0 answers the fixed questions
     if not args.no_eval:
         from pipeline.evaluation import evaluate
 
         print("[twin-dpo] answering the fixed questions (evaluate)", flush=True)
         print(evaluate.describe(evaluate.evaluate(run_dir)) + f"\nsamples: {run_dir / 'samples.md'}", flush=True)
     return 0
+
+
+def _launch(args, recipe) -> Path:
+    """`train --nproc N`: check and build here (once), then train on N processes; returns the run folder."""
+    from pipeline.training import launch, prepare
+    from pipeline.training.guard import resume_command
+
+    prepare.begin(recipe)
+    prepare.prepare(prepare.with_max_steps(recipe, args.max_steps))  # fails here, before N processes start
+    run_dir = Path(args.resume) if args.resume and args.resume != "latest" else None
+    if args.resume == "latest":
+        from pipeline import run_folder
+
+        found = run_folder.find_runs(recipe.name, finished=False)
+        run_dir = found[-1] if found else None
+        if run_dir is None:
+            raise UserError(f"--resume: no unfinished {recipe.name} run in {run_folder.RUNS}/; name the run folder")
+    if run_dir is None:
+        run_dir = launch.new_run_dir(recipe.name, args.run_dir)
+    child = [args.recipe, *(f"--set={o}" for o in args.overrides), "--no-eval"]
+    child += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
+    child += ["--resume", str(run_dir)] if args.resume else ["--run-dir", str(run_dir)]
+    child += ["--force"] if args.force else []
+    again = resume_command("train", args.recipe, args.overrides, args.max_steps, run_dir) + f" --nproc {args.nproc}"
+    print(f"[twin-dpo] starting {args.nproc} processes (accelerate launch); run folder {run_dir}", flush=True)
+    launch.run(args.nproc, args.accelerate_config, ["train", *child], run_dir, again)
+    return run_dir
 
 
 def _cmd_sft(args) -> int:
@@ -311,9 +364,11 @@ def _interrupted(stop: Interrupted, args) -> None:
     from pipeline.training.guard import resume_command
 
     run = stop.checkpoint.parent.parent
+    nproc = int(os.environ.get("WORLD_SIZE", getattr(args, "nproc", 1) or 1))
     print(
         f"twin-dpo: {stop}: saved {stop.checkpoint}; continue with:\n  "
-        f"{resume_command(args.command, args.recipe, args.overrides, args.max_steps, run)}",
+        f"{resume_command(args.command, args.recipe, args.overrides, args.max_steps, run)}"
+        + (f" --nproc {nproc}" if nproc > 1 else ""),
         file=sys.stderr,
     )
 
@@ -329,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"twin-dpo: error: {problem}", file=sys.stderr)
         return EXIT_USER
     except Diverged as err:
-        print(f"twin-dpo: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops; one says why
+            print(f"twin-dpo: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except Interrupted as stop:
-        _interrupted(stop, args)
+        if os.environ.get("RANK", "0") == "0":
+            _interrupted(stop, args)
         return stop.exit_status
     except RunFailed as err:
         print(f"twin-dpo: {err}", file=sys.stderr)

@@ -58,10 +58,17 @@ def tune_allocator() -> str:
 
 
 def set_threads(threads: int) -> int:
-    """torch's CPU threads: the recipe's `train.threads`, or one per CPU this process may run on."""
+    """torch's CPU threads: the recipe's `train.threads`, or one per CPU this process may run on. With several
+    processes on one machine (torch.distributed's LOCAL_WORLD_SIZE) the CPUs are split between them, each process
+    pinned to its own share: two processes each using every core slow each other down 8-16x here."""
     import torch
 
-    n = threads or max(1, len(os.sched_getaffinity(0)))
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if share < len(cpus) and not threads:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        os.sched_setaffinity(0, cpus[local * share : (local + 1) * share] or cpus[-share:])
+    n = threads or share
     torch.set_num_threads(n)
     return n
 

@@ -149,7 +149,9 @@ class TrainConfig:
     seed: int = 0
     """Seed for LoRA init, data order and dropout (the Handbook's 0)."""
     threads: int = 0
-    """CPU threads for torch; 0 = one per CPU this process may run on."""
+    """CPU threads for torch; 0 = one per CPU this process may run on (split between processes under --nproc)."""
+    report_to: str = field(default="none", metadata={"choices": ("none", "tensorboard", "trackio", "wandb", "mlflow")})
+    """Also send the curves to a tracker (TRL's report_to): tensorboard writes RUN/tensorboard/; needs `.[track]`."""
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
+from pipeline.training import distributed
 from pipeline.training.reference import BATCH as EVAL_BATCH  # one constant: untrained rewards are then exactly 0
 
 
-def common_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int) -> dict[str, Any]:
-    """The transformers.TrainingArguments both trainers (DPO, SFT) take from a recipe."""
+def common_args(
+    recipe: Recipe, run_dir: Path, device: str, total_steps: int, eval_batch: int = EVAL_BATCH
+) -> dict[str, Any]:
+    """The transformers.TrainingArguments both trainers (DPO, SFT) take from a recipe. `eval_batch`: pairs per
+    process per held-out batch (training/reference.py's eval_batch_size under several processes)."""
     t = recipe.train
+    if t.report_to == "tensorboard":  # transformers 5 reads the folder from here (else checkpoints/runs/<time>)
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     on_gpu = device == "cuda"
     autocast = precision(recipe, device).autocast
     optim = t.optim
@@ -26,7 +33,7 @@ def common_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int) ->
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=EVAL_BATCH,
+        per_device_eval_batch_size=eval_batch,
         gradient_accumulation_steps=t.grad_accum,
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.scheduler,
@@ -48,18 +55,20 @@ def common_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int) ->
         bf16=autocast == "bf16",
         fp16=autocast == "fp16",
         use_cpu=not on_gpu,
-        report_to="none",
+        report_to=t.report_to,  # transformers' integrations log on the main process only
+        # LoRA leaves the frozen base's parameters out of the graph: DDP must not wait for their gradients (peft#313)
+        ddp_find_unused_parameters=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
 
-def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int):
+def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, eval_batch: int = EVAL_BATCH):
     """The recipe as trl.DPOConfig."""
     from trl import DPOConfig
 
     return DPOConfig(
-        **common_args(recipe, run_dir, device, total_steps),
+        **common_args(recipe, run_dir, device, total_steps, eval_batch),
         beta=recipe.train.beta,
         loss_type=[recipe.train.loss_type],
         precompute_ref_log_probs=False,  # training/reference.py does it, cached on disk, then switches TRL to it
@@ -73,19 +82,24 @@ def sft_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int):
     return SFTConfig(**common_args(recipe, run_dir, device, total_steps), completion_only_loss=True)
 
 
+def global_batch(recipe: Recipe) -> int:
+    """Pairs per optimizer step over all processes: batch_size (per process) x grad_accum x processes."""
+    return recipe.train.batch_size * recipe.train.grad_accum * distributed.world_size()
+
+
 def planned_steps(recipe: Recipe, n_rows: int) -> int:
     """Optimizer steps the run will take: train.max_steps, or the epochs over `n_rows` rows."""
     t = recipe.train
     if t.max_steps > 0:
         return t.max_steps
-    per_epoch = math.ceil(math.ceil(n_rows / t.batch_size) / t.grad_accum)
+    per_epoch = math.ceil(math.ceil(n_rows / (t.batch_size * distributed.world_size())) / t.grad_accum)
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
 def rows_seen(recipe: Recipe, steps: int, n_rows: int) -> int:
     """Pairs (DPO) or examples (SFT) trained on in `steps` optimizer steps; an epoch's last batch may be short."""
     t = recipe.train
-    seen = steps * t.batch_size * t.grad_accum
+    seen = steps * global_batch(recipe)
     if t.max_steps <= 0:
         seen = min(seen, math.ceil(n_rows * t.epochs))
     return seen

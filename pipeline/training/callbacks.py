@@ -15,8 +15,9 @@ POSTFIX = (
 )
 
 
-def run_log(run_dir: Path, total_steps: int, desc: str):
-    """A transformers TrainerCallback writing metrics.jsonl and drawing the progress bar."""
+def run_log(run_dir: Path, total_steps: int, desc: str, main: bool = True):
+    """A transformers TrainerCallback writing metrics.jsonl and drawing the progress bar. `main`: this process
+    shows and writes (under several processes only rank 0 does; the logged numbers are already gathered)."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -24,16 +25,19 @@ def run_log(run_dir: Path, total_steps: int, desc: str):
         def __init__(self):
             self.bar = None
             self.start = time.perf_counter()
-            self.handle = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            self.handle = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True)
+            if main:
+                self.bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.handle is None:
+                return
             logs = dict(logs or {})
             row = {"step": state.global_step, "elapsed_seconds": round(time.perf_counter() - self.start, 3), **logs}
             self.handle.write(json.dumps(row) + "\n")
@@ -54,7 +58,8 @@ def run_log(run_dir: Path, total_steps: int, desc: str):
         def close(self):
             if self.bar is not None:
                 self.bar.close()
-            self.handle.close()
+            if self.handle is not None:
+                self.handle.close()
 
     return RunLog()
 

@@ -16,7 +16,7 @@ from pipeline.model import adapters
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
 from pipeline.storage import human_bytes
-from pipeline.training import arguments, exact_eval, fast_head, reference, twin
+from pipeline.training import arguments, distributed, exact_eval, fast_head, reference, twin
 from pipeline.training.callbacks import run_log
 from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
@@ -58,7 +58,8 @@ def train(
     started = time.perf_counter()
     recipe = with_max_steps(recipe, max_steps)
     allocator = begin(recipe)
-    prep = prepare(recipe)
+    with distributed.main_first():  # rank 0 builds what is built once (the twin); the others then find it
+        prep = prepare(recipe)
     recipe, backend = prep.recipe, prep.backend
     prec = precision(recipe, backend.device)
     with Run.open(recipe, run_dir, resume, force, prec.autocast, started) as run:
@@ -72,6 +73,8 @@ def train(
         head = _install_head(trainer, recipe)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         reference_info = attach_reference(trainer, recipe, loaded)
+        if recipe.train.report_to != "none":  # the tracker shows where the reference came from, beside the curves
+            trainer.log({f"reference/{k[len('reference_') :]}": float(v) for k, v in _reference_status(reference_info)})
         try:
             before, after = run.fit(trainer, eval_block)
         finally:
@@ -111,11 +114,13 @@ def build_trainer(prep: Prepared, run: Run, loaded, extra_callbacks: list):
 
     recipe = prep.recipe
     total_steps = arguments.planned_steps(recipe, len(prep.train_rows))
-    log = run_log(run.path, total_steps, "DPO")
+    log = run_log(run.path, total_steps, "DPO", main=distributed.is_main())
     trainer = DPOTrainer(
         model=loaded.model,
         ref_model=loaded.ref_model,
-        args=arguments.dpo_args(recipe, run.path, prep.backend.device, total_steps),
+        args=arguments.dpo_args(
+            recipe, run.path, prep.backend.device, total_steps, reference.eval_batch_size(len(prep.eval_rows))
+        ),
         train_dataset=Dataset.from_list(prep.train_rows),
         eval_dataset=Dataset.from_list(prep.eval_rows),
         processing_class=loaded.tokenizer,
@@ -147,6 +152,11 @@ def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
         flush=True,
     )
     return info
+
+
+def _reference_status(info: dict[str, Any]) -> list[tuple[str, float]]:
+    keep = ("reference_reused", "reference_seconds", "reference_forward_passes")
+    return [(k, float(info[k])) for k in keep if info.get(k) is not None]
 
 
 def eval_block(metrics: dict[str, float]) -> dict[str, float]:

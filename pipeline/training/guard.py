@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import EXIT_SIGNAL, UserError
+from pipeline.training import distributed
 
 MARKER = "COMPLETE"
 
@@ -134,12 +135,16 @@ def callback(checkpoints: Path, keep: int, precision: str):
             self.signum: int | None = None
             self.diverged: str | None = None
             self.previous = {}
+            self.signalled = 0.0
 
         def install_signals(self) -> None:
             def handler(signum, _frame):
-                if self.signum is not None:  # a second Ctrl-C: stop now
+                # a second Ctrl-C stops now; under a launcher the terminal's SIGINT and the one the launcher
+                # forwards arrive together: they count as one
+                if self.signum is not None and time.monotonic() - self.signalled > 2.0:
                     raise KeyboardInterrupt
-                self.signum = signum
+                if self.signum is None:
+                    self.signum, self.signalled = signum, time.monotonic()
 
             for sig in EXIT_SIGNAL:
                 self.previous[sig] = signal.signal(sig, handler)
@@ -149,7 +154,9 @@ def callback(checkpoints: Path, keep: int, precision: str):
                 signal.signal(sig, old)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.signum is not None:
+            # every process stops at the same step, whichever of them got the signal (one small all-reduce)
+            if distributed.any_rank(self.signum is not None):
+                self.signum = self.signum or signal.SIGTERM
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -172,7 +179,8 @@ def callback(checkpoints: Path, keep: int, precision: str):
 
         def on_save(self, args, state, control, **kwargs):
             folder = checkpoints / f"checkpoint-{state.global_step}"
-            if folder.is_dir() and self.diverged is None:
+            distributed.barrier()  # every rank's files (its RNG state) are written before rank 0 marks the folder
+            if distributed.is_main() and folder.is_dir() and self.diverged is None:
                 mark_complete(folder)
                 prune(checkpoints, keep)
             return control

@@ -3,7 +3,9 @@ say what will run where, then load the model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,10 +13,11 @@ from typing import Any
 
 from pipeline import data as data_mod
 from pipeline import recipe as recipes
+from pipeline.errors import UserError
 from pipeline.model import adapters, hf, paths, runtime, unsloth
 from pipeline.model.backend import Backend, precision, resolve_backend
 from pipeline.recipe import Recipe
-from pipeline.training import twin
+from pipeline.training import distributed, twin
 from pipeline.training.run import Run
 
 
@@ -28,7 +31,22 @@ def begin(recipe: Recipe) -> str:
         unsloth.import_unsloth()  # before transformers, trl and peft: Unsloth patches them on import
     allocator = runtime.tune_allocator()
     runtime.quiet_libraries()
+    distributed.start()  # under accelerate's launcher: join the process group, quiet the other ranks
     return allocator
+
+
+TRACKERS = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_tracker(name: str) -> None:
+    """train.report_to names a tracker whose package is importable (before any weight is loaded)."""
+    module = TRACKERS.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        how = "pip install -e '.[track]'" if name == "tensorboard" else f"pip install {module}"
+        raise UserError(
+            f"train.report_to={name}: the {module} package is not installed; install it into this environment "
+            f"({sys.prefix}) with `{how}`, or set train.report_to=none"
+        )
 
 
 @dataclass
@@ -49,6 +67,7 @@ class Prepared:
 def prepare(recipe: Recipe) -> Prepared:
     """Validate recipe, data and model location, and load the tokenizer; no model weights yet."""
     recipes.validate(recipe)
+    check_tracker(recipe.train.report_to)
     backend = resolve_backend(recipe)
     train_pairs, eval_pairs = data_mod.load_splits(recipe.data, announce=True)
     if recipe.model.name_or_path.startswith(twin.PREFIX):
@@ -70,7 +89,8 @@ def prepare(recipe: Recipe) -> Prepared:
     eval_lengths = data_mod.check_lengths(tokenizer, eval_rows, eval_pairs, recipe.data.max_length, "data.eval")
     t = recipe.train
     if t.group_by_length:  # training reads rows in this order (sequential sampler)
-        train_order = data_mod.grouped_order(lengths.lengths, t.batch_size, t.seed)
+        # grouped by the batch of all processes: accelerate deals each global batch out, batch_size pairs per rank
+        train_order = data_mod.grouped_order(lengths.lengths, t.batch_size * distributed.world_size(), t.seed)
     else:
         train_order = list(range(len(train_rows)))  # the trainer's random sampler shuffles
     # evaluation reads rows sorted by length, in the same batches as the reference pass

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.storage import cache_root, hasher
-from pipeline.training import exact_eval, trl_compat
+from pipeline.training import distributed, exact_eval, trl_compat
 
 BATCH = 8  # pairs per no-grad forward (and per evaluation batch): sorted by length, so batches pad little
 
@@ -57,6 +57,7 @@ def _head(trainer) -> str:
 
 
 def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
+    eval_batch = trainer.args.per_device_eval_batch_size
     h = hasher()
     for name, tensor in reference_tensors(trainer):
         h.update(name.encode())
@@ -70,7 +71,7 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     h.update(
         f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trl_compat.ld_alpha(trainer)};"
         f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
-        f"batch={BATCH};head={_head(trainer)};eval_fp32={exact_eval.applies(trainer)}".encode()
+        f"batch={BATCH};eval_batch={eval_batch};head={_head(trainer)};eval_fp32={exact_eval.applies(trainer)}".encode()
     )
     for dataset in datasets:
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -80,12 +81,25 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     return h.hexdigest()
 
 
-def _compute(trainer, dataset, progress_desc: str, sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_batch_size(n_rows: int) -> int:
+    """Pairs per process in one held-out evaluation batch (and in the eval reference pass, which reads the same
+    batches). One process: BATCH. N processes: each global batch is N consecutive runs of this size, so the global
+    batches hold the same pairs as one process's; the largest size <= BATCH / N that divides the held-out set into
+    whole global batches (else accelerate would pad the last one with repeated pairs, counted twice)."""
+    world = distributed.world_size()
+    if world == 1:
+        return BATCH
+    top = max(1, BATCH // world)
+    return next((b for b in range(top, 0, -1) if n_rows % (b * world) == 0), top)
+
+
+def _compute(trainer, dataset, progress_desc: str, sort: bool, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs for every row of a TRL-tokenized dataset, in length-sorted batches if `sort`.
 
     The eval set comes already sorted and is read in its own order, so these batches are exactly the
     evaluation's batches, computed in the evaluation's precision (training/exact_eval.py: fp32 where training
-    runs under CPU autocast), and an untouched policy scores rewards of exactly zero.
+    runs under CPU autocast), and an untouched policy scores rewards of exactly zero. With N processes each
+    computes every N-th batch (the batches are the same as in one process, so are the numbers) and all gather.
     """
     from tqdm.auto import tqdm
 
@@ -96,23 +110,29 @@ def _compute(trainer, dataset, progress_desc: str, sort: bool) -> tuple[torch.Te
             for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
         ]
         order.sort(key=lambda i: lengths[i])
-    chosen = torch.empty(len(dataset), dtype=torch.float32)
-    rejected = torch.empty(len(dataset), dtype=torch.float32)
+    batches = [order[start : start + batch] for start in range(0, len(order), batch)]
+    mine = batches[distributed.rank() :: distributed.world_size()]
+    done: list[tuple[list[int], list[float], list[float]]] = []
     model = trainer.ref_model if trainer.ref_model is not None else trainer.model
     was_training = trainer.model.training
     trainer.model.eval()
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     try:
-        for start in tqdm(range(0, len(order), BATCH), desc=progress_desc, unit="batch", dynamic_ncols=True):
-            idx = order[start : start + BATCH]
+        bar = tqdm(mine, desc=progress_desc, unit="batch", dynamic_ncols=True, disable=not distributed.is_main())
+        for idx in bar:
             rows = dataset.select(idx)
             examples = [{c: rows[c][k] for c in columns} for k in range(len(idx))]
-            batch = trl_compat.prepare_inputs(trainer, trainer.data_collator(examples))
-            c, r = trainer.compute_ref_log_probs(model, batch)
-            chosen[idx] = c.float().cpu()
-            rejected[idx] = r.float().cpu()
+            batch_in = trl_compat.prepare_inputs(trainer, trainer.data_collator(examples))
+            c, r = trainer.compute_ref_log_probs(model, batch_in)
+            done.append((idx, c.float().cpu().tolist(), r.float().cpu().tolist()))
     finally:
         trainer.model.train(was_training)
+    chosen = torch.empty(len(dataset), dtype=torch.float32)
+    rejected = torch.empty(len(dataset), dtype=torch.float32)
+    for part in distributed.gather(done):
+        for idx, c, r in part:
+            chosen[idx] = torch.tensor(c, dtype=torch.float32)
+            rejected[idx] = torch.tensor(r, dtype=torch.float32)
     return chosen, rejected
 
 
@@ -129,17 +149,20 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
     path = (cache_dir / f"{key}.safetensors") if cache_dir else None
     from safetensors.torch import load_file, save_file
 
-    if path is not None and path.is_file():
-        tensors = load_file(str(path))
+    # rank 0 decides and reads (on several machines only its disk is sure to hold the cache); the others get a copy
+    cached = distributed.broadcast(load_file(str(path)) if distributed.is_main() and path and path.is_file() else None)
+    if cached is not None:
+        tensors = cached
         reused = True
     else:
         tensors = {}
         for name in names:
             exact = exact_eval.full_precision(trainer) if name == "eval" else contextlib.nullcontext()
             with exact:
-                c, r = _compute(trainer, datasets[name], f"reference log-probs ({name})", sort=name == "train")
+                batch = BATCH if name == "train" else trainer.args.per_device_eval_batch_size
+                c, r = _compute(trainer, datasets[name], f"reference log-probs ({name})", name == "train", batch)
             tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = c, r
-        if path is not None:
+        if path is not None and distributed.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             save_file(tensors, str(tmp))

@@ -25,7 +25,7 @@ from pipeline.errors import Diverged, Interrupted, UserError
 from pipeline.model import runtime
 from pipeline.recipe import Recipe
 from pipeline.storage import atomic_dir, read_json, write_json_atomic, write_text_atomic
-from pipeline.training import arguments, guard, trl_compat
+from pipeline.training import arguments, distributed, guard, trl_compat
 from pipeline.training.callbacks import time_evaluations
 
 
@@ -75,16 +75,25 @@ class Run:
     @classmethod
     @contextmanager
     def open(cls, recipe: Recipe, run_dir, resume, force: bool, autocast: str | None, started: float) -> Iterator[Run]:
-        """Lock the folder, pick the checkpoint, write recipe.json; a full disk becomes one line (exit 2)."""
+        """Lock the folder, pick the checkpoint, write recipe.json; a full disk becomes one line (exit 2).
+        Under several processes rank 0 does all of it and tells the others the folder and the checkpoint."""
+        keep = recipe.train.keep_checkpoints
+        if not distributed.is_main():
+            where, chosen = distributed.broadcast(None)
+            run = cls(recipe, Path(where), Path(chosen) if chosen else None, started)
+            run.guard = guard.callback(run.path / "checkpoints", keep, autocast or "fp32")
+            yield run
+            return
         path, resuming = _locate(recipe, run_dir, resume, force)
         checkpoints = path / "checkpoints"
         with guard.RunLock(path):
             checkpoint = None
             if resuming:  # under the lock: a checkpoint torn by a kill is dropped, the newest complete one is used
-                guard.prune(checkpoints, recipe.train.keep_checkpoints)
+                guard.prune(checkpoints, keep)
                 checkpoint = guard.latest_checkpoint(checkpoints)
+            distributed.broadcast((str(path), str(checkpoint) if checkpoint else None))
             run = cls(recipe, path, checkpoint, started)
-            run.guard = guard.callback(checkpoints, recipe.train.keep_checkpoints, autocast or "fp32")
+            run.guard = guard.callback(checkpoints, keep, autocast or "fp32")
             write_text_atomic(path / "recipe.json", recipes.dumps(recipe))
             run_folder.keep_metrics_until(path, run.step0 if checkpoint else -1)
             try:
@@ -105,6 +114,7 @@ class Run:
             if self.checkpoint is None:
                 print("[twin-dpo] held-out evaluation of the untouched twin", flush=True)
                 before = block(trainer.evaluate())
+                distributed.rewrap_after_evaluation(trainer)
             else:  # measured when the run started
                 rows = run_folder.read_metrics(self.path)
                 before = block(next(r for r in rows if "eval_loss" in r and r.get("step") == 0))
@@ -126,22 +136,26 @@ class Run:
     def _diverged(self, message: str) -> None:
         """Record the divergence (no artifact is saved from it) and stop with the distinct exit status."""
         last = guard.latest_checkpoint(self.path / "checkpoints")
-        write_json_atomic(
-            self.path / "summary.json",
-            {
-                "status": "diverged",
-                "recipe": self.recipe.name,
-                "message": message,
-                "last_good_checkpoint": str(last) if last else None,
-                "versions": runtime.versions(),
-            },
-        )
+        if distributed.is_main():
+            write_json_atomic(
+                self.path / "summary.json",
+                {
+                    "status": "diverged",
+                    "recipe": self.recipe.name,
+                    "message": message,
+                    "last_good_checkpoint": str(last) if last else None,
+                    "versions": runtime.versions(),
+                },
+            )
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
         raise Diverged(f"training diverged at {message}; {where}; nothing from the diverged step was saved")
 
     def save_policy(self, policy, tokenizer) -> str:
-        """The trained policy, written atomically: an adapter (never a frozen reference copy) or a full model."""
+        """The trained policy, written atomically: an adapter (never a frozen reference copy) or a full model.
+        Rank 0 writes it (every rank holds the same weights under DDP)."""
         artifact = "model" if self.recipe.method == "full" else "adapter"
+        if not distributed.is_main():
+            return artifact
         with atomic_dir(self.path / artifact) as tmp:
             if artifact == "adapter":
                 policy.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
@@ -161,6 +175,7 @@ class Run:
         train_seconds = self.timings["train_seconds"]
         trainable, total = arguments.count_parameters(trainer.model)
         peak, peak_kind = runtime.peak_memory(backend.device)
+        peaks = distributed.gather(peak)  # each process's own peak
         train_logs = [row for row in state.log_history if "loss" in row]
         return {
             "status": "completed",
@@ -184,6 +199,11 @@ class Run:
             "tokens_per_second": round(tokens / train_seconds, 2),
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
+            "peak_memory_bytes_per_process": peaks,
+            "world_size": distributed.world_size(),
+            "distributed": distributed.kind(trainer.accelerator),
+            "batch_per_process": self.recipe.train.batch_size,
+            "global_batch": arguments.global_batch(self.recipe),
             "trainable_parameters": trainable,
             "total_parameters": total,
             "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
@@ -194,4 +214,6 @@ class Run:
         }
 
     def finish(self, summary: dict[str, Any]) -> None:
-        write_json_atomic(self.path / "summary.json", summary)
+        if distributed.is_main():
+            write_json_atomic(self.path / "summary.json", summary)
+        distributed.barrier()  # the other ranks leave only once the run folder is complete

@@ -19,7 +19,7 @@ from pipeline.errors import UserError
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
 from pipeline.storage import human_bytes
-from pipeline.training import arguments
+from pipeline.training import arguments, distributed
 from pipeline.training.callbacks import run_log
 from pipeline.training.prepare import announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
@@ -91,7 +91,7 @@ def build_trainer(recipe: Recipe, run: Run, loaded, train_pairs, eval_pairs, dev
     from trl import SFTTrainer
 
     total_steps = arguments.planned_steps(recipe, len(train_pairs))
-    log = run_log(run.path, total_steps, "SFT")
+    log = run_log(run.path, total_steps, "SFT", main=distributed.is_main())
     system = recipe.data.system_prompt
     trainer = SFTTrainer(
         model=loaded.model,

@@ -60,7 +60,8 @@ def key(recipe, base_path: str) -> str:
         else:
             h.update(str(source).encode())
     settings = recipes.to_dict(recipe)
-    settings["train"].pop("threads", None)  # how many cores run it, not what it makes
+    for watch_only in ("threads", "report_to"):  # how many cores run it and who watches, not what it makes
+        settings["train"].pop(watch_only, None)
     h.update(json.dumps(settings, sort_keys=True).encode())
     versions = runtime.versions()
     h.update(json.dumps({k: versions[k] for k in ("torch", "transformers", "trl", "peft")}).encode())

@@ -1,0 +1,139 @@
+"""Several processes through accelerate: who this process is, and the few collectives twin-dpo itself needs.
+
+A run on N processes is started by accelerate's launcher (`--nproc N`, or `accelerate launch -m pipeline train`
+with the user's config); torch.distributed's environment (RANK, WORLD_SIZE, LOCAL_RANK) says which process this
+is. Each process trains on its share of every global batch (accelerate shards the loader), and the gradients
+are averaged (DDP; FSDP / DeepSpeed through accelerate's config). twin-dpo's own duties across processes:
+- one run folder: rank 0 picks it, locks it and writes every file in it; the others are told its path;
+- one reference pass: each rank computes every N-th batch, the results are gathered, rank 0 writes the cache;
+- one view: only rank 0 prints, draws progress bars and logs metrics (the other ranks' stdout is silenced);
+- one decision: a signal seen by any rank stops every rank at the same step.
+With WORLD_SIZE unset (one process) every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, Iterator
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Processes sharing this machine (they share its CPU cores)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def active() -> bool:
+    return world_size() > 1
+
+
+def start() -> None:
+    """Join the process group (gloo on CPU, nccl on CUDA) before anything else; silence the other ranks' stdout.
+
+    accelerate's PartialState does the joining, so the trainer's accelerator later finds the group ready."""
+    if not active():
+        return
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    if not is_main():
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+
+
+def barrier() -> None:
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (builds what the others then find cached: the twin, the embedded model)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's `value`, on every rank."""
+    if not active():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not active():
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (one small all-reduce)."""
+    if not active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def kind(accelerator) -> str:
+    """How the processes share the work: single, ddp, fsdp or deepspeed (accelerate's distributed type)."""
+    name = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1].upper()
+    if accelerator is None or accelerator.num_processes <= 1:
+        return "single"
+    if "FSDP" in name:
+        return "fsdp"
+    if "DEEPSPEED" in name:
+        return "deepspeed"
+    return "ddp"
+
+
+def rewrap_after_evaluation(trainer) -> None:
+    """Let trainer.train() wrap the model for gradient averaging after an evaluation ran first.
+
+    trainer.evaluate() before train() (the untouched twin's held-out numbers) has accelerate prepare the model for
+    inference and flag it as prepared; train() then gets it back unwrapped, without DDP, and every process trains
+    on its own shard alone (measured: the ranks' adapters parted at the first step). Clearing the flag makes
+    train() wrap it."""
+    if not active():
+        return
+    model = trainer.model
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        models = trainer.accelerator._models
+        models[:] = [m for m in models if m is not model]

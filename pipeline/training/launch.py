@@ -1,0 +1,70 @@
+"""`train RECIPE --nproc N`: the same command on N processes, started by accelerate's own launcher (torchrun
+underneath: gloo on CPU, nccl on CUDA), or under an accelerate config file (`--accelerate-config`: FSDP,
+DeepSpeed, several machines; configs/accelerate/ has examples).
+
+This process checks the recipe and the data and builds what is built once (the twin) before any process starts,
+picks the run folder and hands it to the processes, then turns the way they ended into one line and an exit
+status: a user's mistake (2) is printed by the process that found it; a process killed from outside stops the
+others, and the line says which one, and where the run can continue from.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from pathlib import Path
+
+from pipeline import run_folder
+from pipeline.errors import EXIT_SIGNAL, Interrupted, RunFailed
+from pipeline.training import guard
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_args(nproc: int, config_file: str | None, child_argv: list[str]) -> list[str]:
+    """accelerate launch's arguments for `python -m pipeline <child_argv>` on `nproc` processes."""
+    if config_file:  # the user's distributed setup; the process count still comes from --nproc
+        head = ["--config_file", str(config_file), "--num_processes", str(nproc)]
+    else:
+        # "multi_gpu" is accelerate's name for its torchrun path; without CUDA the processes join over gloo
+        head = ["--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1"]
+        head += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    return [*head, "-m", "pipeline", *child_argv]
+
+
+def run(nproc: int, config_file: str | None, child_argv: list[str], run_dir: Path, resume_line: str) -> None:
+    """Start the processes and wait; raises RunFailed / Interrupted with the line a user needs, else returns."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "accelerate"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # their notices would bury the processes' own lines
+    args = launch_command_parser().parse_args(launcher_args(nproc, config_file, child_argv))
+    try:
+        launch_command(args)
+    except SignalException as stop:  # Ctrl-C / SIGTERM here: the processes got it too and saved a checkpoint
+        signum = stop.sigval if stop.sigval in EXIT_SIGNAL else signal.SIGTERM
+        raise Interrupted(signum, guard.latest_checkpoint(run_dir / "checkpoints")) from None
+    except ChildFailedError as failed:
+        first_rank, first = failed.get_first_failure()
+        code = first.exitcode
+        if code in (2, 3) or code in EXIT_SIGNAL.values():
+            raise SystemExit(code) from None  # that process printed what happened (and how to resume)
+        last = guard.latest_checkpoint(run_dir / "checkpoints")
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit status {code}; see above)"
+        where = (
+            f"the newest complete checkpoint is {last}; continue with:\n  {resume_line}"
+            if last
+            else "no checkpoint was complete; start again"
+        )
+        raise RunFailed(f"process rank {first_rank} {how}; the other processes were stopped; {where}") from None
+
+
+def new_run_dir(recipe_name: str, run_dir: str | None) -> Path:
+    return run_folder.new_run_dir(recipe_name, run_dir)
