@@ -35,7 +35,8 @@ help: ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo
 	@echo "Options: SET='train.beta=0.1 train.learning_rate=5e-6' (recipe overrides), STEPS=N (stop after N steps),"
-	@echo "         GPU=0|1 (force the CPU or GPU version set; default: GPU when nvidia-smi sees one), RUN=runs/... (export)"
+	@echo "         GPU=0|1 (force the CPU or GPU version set; default: GPU when nvidia-smi sees one), RUN=runs/... (export),"
+	@echo "         NPROC=N (train on N processes through accelerate: DDP; configs/accelerate/ for FSDP, DeepSpeed, nodes)"
 
 setup: $(STAMP) ## create .venv with the tested versions (once; later runs reuse it)
 
@@ -77,21 +78,23 @@ $(GGUF_STAMP): $(STAMP) constraints/llama-cpp-sdist.txt
 	@touch $@
 
 STEPFLAG := $(if $(STEPS),--max-steps $(STEPS),)
+NPROC ?=
+NPROCFLAG := $(if $(NPROC),--nproc $(NPROC),)
 
 dpo-lora: setup ## LoRA DPO on the embedded twin (reference = the twin, adapter off); the first run builds the twin (~5 min)
-	$(PY) -m pipeline train dpo_lora $(STEPFLAG) $(SETS)
+	$(PY) -m pipeline train dpo_lora $(STEPFLAG) $(NPROCFLAG) $(SETS)
 
 dpo-qlora: setup ## the same with the base in 4-bit NF4
-	$(PY) -m pipeline train dpo_qlora $(STEPFLAG) $(SETS)
+	$(PY) -m pipeline train dpo_qlora $(STEPFLAG) $(NPROCFLAG) $(SETS)
 
 dpo-full: setup ## full DPO with a separate frozen reference (the baseline)
-	$(PY) -m pipeline train dpo_full $(STEPFLAG) $(SETS)
+	$(PY) -m pipeline train dpo_full $(STEPFLAG) $(NPROCFLAG) $(SETS)
 
 sft: setup ## the twin as an adapter: LoRA SFT on the author's answers (recipes/sft_twin.py), for dpo-lora-twin
 	$(PY) -m pipeline sft sft_twin $(STEPFLAG) $(SETS)
 
 dpo-lora-twin: setup ## LoRA DPO on the newest twin adapter (make sft first); frozen copy as reference
-	$(PY) -m pipeline train dpo_lora_twin $(STEPFLAG) $(SETS)
+	$(PY) -m pipeline train dpo_lora_twin $(STEPFLAG) $(NPROCFLAG) $(SETS)
 
 twin: setup-gguf ## sft -> DPO on the twin adapter -> export -> memory check; summary in reports/twin/ (~15 min)
 	$(PY) -m pipeline twin $(if $(STEPS),--steps $(STEPS),) $(SETS)

@@ -212,11 +212,14 @@ def _cmd_train(args) -> int:
 
 def _launch(args, recipe) -> Path:
     """`train --nproc N`: check and build here (once), then train on N processes; returns the run folder."""
-    from pipeline.training import launch, prepare
+    from pipeline.training import distributed, launch, prepare
     from pipeline.training.guard import resume_command
 
     prepare.begin(recipe)
-    prepare.prepare(prepare.with_max_steps(recipe, args.max_steps))  # fails here, before N processes start
+    prep = prepare.prepare(prepare.with_max_steps(recipe, args.max_steps))  # fails here, before N processes start
+    problems = distributed.check(prep.recipe, prep.backend.name, distributed.engine_from_config(args.accelerate_config))
+    if problems:
+        raise UserError(problems)
     run_dir = Path(args.resume) if args.resume and args.resume != "latest" else None
     if args.resume == "latest":
         from pipeline import run_folder
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"twin-dpo: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except Interrupted as stop:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and "TWIN_DPO_LAUNCHED" not in os.environ:  # else the launcher says it
             _interrupted(stop, args)
         return stop.exit_status
     except RunFailed as err:
@@ -397,6 +400,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("twin-dpo: interrupted", file=sys.stderr)
         return EXIT_SIGNAL[signal.SIGINT]
+    except Exception as err:
+        if not _peer_lost(err):
+            raise
+        # one of several processes ended (its own line, or the launcher's, says why): this one only says so
+        print(f"twin-dpo: process rank {os.environ.get('RANK')}: stopped, another process ended", file=sys.stderr)
+        return EXIT_CHILD_FAILED
+
+
+def _peer_lost(err: Exception) -> bool:
+    """A torch.distributed error because another process of the run is gone (gloo / nccl lost the connection)."""
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    named = type(err).__name__ in ("DistBackendError", "DistNetworkError", "DistError")
+    return named or "Connection closed by peer" in str(err) or "Connection reset by peer" in str(err)
 
 
 def entry() -> None:

@@ -7,6 +7,7 @@ pipeline/model/unsloth.py, the only module that imports unsloth.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pipeline.errors import UserError
@@ -75,8 +76,8 @@ def load_base(recipe: Recipe, path: str, backend: Backend):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
-    if backend.device == "cuda":
-        kwargs["device_map"] = {"": 0}
+    if backend.device == "cuda":  # under several processes each loads onto its own GPU (torchrun's LOCAL_RANK)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:

@@ -137,3 +137,50 @@ def rewrap_after_evaluation(trainer) -> None:
         model._is_accelerate_prepared = False
         models = trainer.accelerator._models
         models[:] = [m for m in models if m is not model]
+
+
+def engine_from_launcher() -> str:
+    """ddp, fsdp or deepspeed, as accelerate's launcher told the processes (before any trainer exists)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    return "ddp"
+
+
+def engine_from_config(path: str | None) -> str:
+    """ddp, fsdp or deepspeed, as an accelerate config file asks (read with accelerate's own loader)."""
+    if not path:
+        return "ddp"
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    name = str(load_config_from_file(path).distributed_type).split(".")[-1].upper()
+    return "fsdp" if "FSDP" in name else "deepspeed" if "DEEPSPEED" in name else "ddp"
+
+
+def check(recipe, backend_name: str, engine: str | None = None) -> list[str]:
+    """Combinations known not to work under several processes, as problems to report before any weight loads.
+    `engine`: what a config file asks for (the launching process); else what the launcher told this process."""
+    if engine is None and not active():
+        return []
+    engine, problems = engine or engine_from_launcher(), []
+    import torch
+
+    if engine != "ddp" and not torch.cuda.is_available():
+        # accelerate 1.15 switches to FSDP / DeepSpeed only from its multi-accelerator modes, not from MULTI_CPU: on a
+        # CPU the config would silently train as plain DDP (tried here: the FSDP2 config gave the DDP run's adapter)
+        problems.append(
+            f"the accelerate config asks for {engine}, which accelerate runs on GPUs only: on a CPU the processes "
+            "would train as plain DDP; drop --accelerate-config (DDP), or run on GPUs"
+        )
+    if backend_name == "unsloth" and engine != "ddp":
+        problems.append(
+            f"model.backend=unsloth: Unsloth trains under DDP only, not {engine}; use configs/accelerate/ddp.yaml, "
+            "or model.backend=hf"
+        )
+    if engine == "fsdp" and recipe.model.load_in_4bit:
+        problems.append(
+            "model.load_in_4bit=true under FSDP: 4-bit weights are not sharded by FSDP2 here (peft issue 2834); "
+            "use DDP (configs/accelerate/ddp.yaml) for QLoRA, or LoRA / full DPO under FSDP"
+        )
+    return problems

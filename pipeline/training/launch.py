@@ -11,6 +11,7 @@ others, and the line says which one, and where the run can continue from.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 from pipeline import run_folder
 from pipeline.errors import EXIT_SIGNAL, Interrupted, RunFailed
 from pipeline.training import guard
+
+LAUNCHED = "TWIN_DPO_LAUNCHED"  # set for the processes `--nproc` starts
 
 
 def _free_port() -> int:
@@ -46,6 +49,7 @@ def run(nproc: int, config_file: str | None, child_argv: list[str], run_dir: Pat
     for name in ("torch.distributed.elastic", "torch.distributed.run", "accelerate"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # their notices would bury the processes' own lines
     args = launch_command_parser().parse_args(launcher_args(nproc, config_file, child_argv))
+    os.environ[LAUNCHED] = "1"  # the processes leave the resume line to this one
     try:
         launch_command(args)
     except SignalException as stop:  # Ctrl-C / SIGTERM here: the processes got it too and saved a checkpoint
@@ -54,8 +58,11 @@ def run(nproc: int, config_file: str | None, child_argv: list[str], run_dir: Pat
     except ChildFailedError as failed:
         first_rank, first = failed.get_first_failure()
         code = first.exitcode
-        if code in (2, 3) or code in EXIT_SIGNAL.values():
-            raise SystemExit(code) from None  # that process printed what happened (and how to resume)
+        stopped = {status: signum for signum, status in EXIT_SIGNAL.items()}
+        if code in stopped:  # a signal asked the processes to stop: they saved a checkpoint
+            raise Interrupted(stopped[code], guard.latest_checkpoint(run_dir / "checkpoints")) from None
+        if code in (2, 3):
+            raise SystemExit(code) from None  # that process printed what happened
         last = guard.latest_checkpoint(run_dir / "checkpoints")
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit status {code}; see above)"
         where = (
