@@ -192,7 +192,9 @@ def _cmd_train(args) -> int:
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
         raise UserError(f"--accelerate-config {args.accelerate_config}: no such file")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        run_dir = _launch(args, recipe)
+        from pipeline.training import launch
+
+        run_dir = launch.train(args, recipe)
     else:
         from pipeline.training import distributed, dpo
 
@@ -208,36 +210,6 @@ def _cmd_train(args) -> int:
         print("[twin-dpo] answering the fixed questions (evaluate)", flush=True)
         print(evaluate.describe(evaluate.evaluate(run_dir)) + f"\nsamples: {run_dir / 'samples.md'}", flush=True)
     return 0
-
-
-def _launch(args, recipe) -> Path:
-    """`train --nproc N`: check and build here (once), then train on N processes; returns the run folder."""
-    from pipeline.training import distributed, launch, prepare
-    from pipeline.training.guard import resume_command
-
-    prepare.begin(recipe)
-    prep = prepare.prepare(prepare.with_max_steps(recipe, args.max_steps))  # fails here, before N processes start
-    problems = distributed.check(prep.recipe, prep.backend.name, distributed.engine_from_config(args.accelerate_config))
-    if problems:
-        raise UserError(problems)
-    run_dir = Path(args.resume) if args.resume and args.resume != "latest" else None
-    if args.resume == "latest":
-        from pipeline import run_folder
-
-        found = run_folder.find_runs(recipe.name, finished=False)
-        run_dir = found[-1] if found else None
-        if run_dir is None:
-            raise UserError(f"--resume: no unfinished {recipe.name} run in {run_folder.RUNS}/; name the run folder")
-    if run_dir is None:
-        run_dir = launch.new_run_dir(recipe.name, args.run_dir)
-    child = [args.recipe, *(f"--set={o}" for o in args.overrides), "--no-eval"]
-    child += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
-    child += ["--resume", str(run_dir)] if args.resume else ["--run-dir", str(run_dir)]
-    child += ["--force"] if args.force else []
-    again = resume_command("train", args.recipe, args.overrides, args.max_steps, run_dir) + f" --nproc {args.nproc}"
-    print(f"[twin-dpo] starting {args.nproc} processes (accelerate launch); run folder {run_dir}", flush=True)
-    launch.run(args.nproc, args.accelerate_config, ["train", *child], run_dir, again)
-    return run_dir
 
 
 def _cmd_sft(args) -> int:

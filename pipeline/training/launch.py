@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 
 from pipeline import run_folder
-from pipeline.errors import EXIT_SIGNAL, Interrupted, RunFailed
+from pipeline.errors import EXIT_SIGNAL, Interrupted, RunFailed, UserError
 from pipeline.training import guard
 
 LAUNCHED = "TWIN_DPO_LAUNCHED"  # set for the processes `--nproc` starts
@@ -73,5 +73,30 @@ def run(nproc: int, config_file: str | None, child_argv: list[str], run_dir: Pat
         raise RunFailed(f"process rank {first_rank} {how}; the other processes were stopped; {where}") from None
 
 
-def new_run_dir(recipe_name: str, run_dir: str | None) -> Path:
-    return run_folder.new_run_dir(recipe_name, run_dir)
+def train(args, recipe) -> Path:
+    """`train --nproc N`: check and build here (once), then train on N processes; returns the run folder."""
+    from pipeline.training import distributed, prepare
+
+    prepare.begin(recipe)
+    prep = prepare.prepare(prepare.with_max_steps(recipe, args.max_steps))  # fails here, before N processes start
+    problems = distributed.check(prep.recipe, prep.backend.name, distributed.engine_from_config(args.accelerate_config))
+    if problems:
+        raise UserError(problems)
+    run_dir = Path(args.resume) if args.resume and args.resume != "latest" else None
+    if args.resume == "latest":
+        found = run_folder.find_runs(recipe.name, finished=False)
+        run_dir = found[-1] if found else None
+        if run_dir is None:
+            raise UserError(f"--resume: no unfinished {recipe.name} run in {run_folder.RUNS}/; name the run folder")
+    if run_dir is None:
+        run_dir = run_folder.new_run_dir(recipe.name, args.run_dir)
+    child = [args.recipe, *(f"--set={o}" for o in args.overrides), "--no-eval"]
+    child += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
+    child += ["--resume", str(run_dir)] if args.resume else ["--run-dir", str(run_dir)]
+    child += ["--force"] if args.force else []
+    again = (
+        guard.resume_command("train", args.recipe, args.overrides, args.max_steps, run_dir) + f" --nproc {args.nproc}"
+    )
+    print(f"[twin-dpo] starting {args.nproc} processes (accelerate launch); run folder {run_dir}", flush=True)
+    run(args.nproc, args.accelerate_config, ["train", *child], run_dir, again)
+    return run_dir
