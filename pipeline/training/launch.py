@@ -46,10 +46,16 @@ def run(nproc: int, config_file: str | None, child_argv: list[str], run_dir: Pat
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    for name in ("torch.distributed.elastic", "torch.distributed.run", "accelerate"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # their notices would bury the processes' own lines
+    # their notices ("Received 2 death signal, shutting down workers") would bury the processes' own lines; torch's
+    # elastic loggers set their own level from LOGLEVEL when their module is imported, so set both
+    os.environ.setdefault("LOGLEVEL", "ERROR")
+    import torch.distributed.run  # noqa: F401  (imports the elastic agent's modules, and their loggers, now)
+
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "accelerate")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     args = launch_command_parser().parse_args(launcher_args(nproc, config_file, child_argv))
-    os.environ[LAUNCHED] = "1"  # the processes leave the resume line to this one
+    os.environ[LAUNCHED] = "1"  # for the processes: they leave the resume line to this one
     try:
         launch_command(args)
     except SignalException as stop:  # Ctrl-C / SIGTERM here: the processes got it too and saved a checkpoint
@@ -71,6 +77,8 @@ def run(nproc: int, config_file: str | None, child_argv: list[str], run_dir: Pat
             else "no checkpoint was complete; start again"
         )
         raise RunFailed(f"process rank {first_rank} {how}; the other processes were stopped; {where}") from None
+    finally:
+        os.environ.pop(LAUNCHED, None)
 
 
 def train(args, recipe) -> Path:
