@@ -245,3 +245,28 @@ def test_every_shipped_accelerate_config_parses_with_accelerates_loader():
     slurm = (CONFIGS / "slurm.sbatch").read_text()
     assert "srun" in slurm and "--config_file configs/accelerate/two_nodes.yaml" in slurm
     assert "--machine_rank" in slurm and "--main_process_ip" in slurm
+
+
+def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_and_one_resume_line(tiny_llama, small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = _argv(tiny_llama, small_data, run_dir, 1, "--nproc", "2", "--set", "train.eval_every=0")
+    argv[argv.index("--max-steps") + 1] = "40"
+    env = {**os.environ, "TWIN_DPO_TEST_STEP_DELAY": "0.4", "PYTHONPATH": str(SLOW)}
+    env["TWIN_DPO_CACHE"] = str(tmp_path / "cache")
+    # its own process group, as a terminal's foreground job: Ctrl-C reaches the launcher and both processes
+    launcher = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    end = time.time() + 300
+    while not (run_dir / "checkpoints" / "checkpoint-2" / guard.MARKER).is_file():
+        assert launcher.poll() is None and time.time() < end, "no complete checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err[-3000:]
+    assert err.count("continue with:") == 1 and f"--resume {run_dir} --nproc 2" in err, err[-3000:]
+    assert "Traceback" not in err and "death signal" not in err, err[-3000:]
+    last = guard.latest_checkpoint(run_dir / "checkpoints")
+    assert last is not None and int(last.name.split("-")[1]) >= 2
+    assert {p.name for p in last.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not (run_dir / "summary.json").exists()
