@@ -270,3 +270,14 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_and_one_resume
     assert last is not None and int(last.name.split("-")[1]) >= 2
     assert {p.name for p in last.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate runs FSDP: nothing to refuse")
+def test_an_fsdp_config_on_a_cpu_is_refused_before_any_process_starts(tiny_llama, small_data, tmp_path, capsys):
+    argv = ["train", "dpo_lora", "--max-steps", "1", "--no-eval", "--run-dir", str(tmp_path / "run"), "--nproc", "2"]
+    argv += ["--accelerate-config", str(CONFIGS / "fsdp2.yaml"), *cli_sets(tiny_llama, small_data)]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "asks for fsdp, which accelerate runs on GPUs only" in err  # else it would silently train as DDP
+    assert not (tmp_path / "run").exists()

@@ -27,15 +27,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def local_world_size() -> int:
-    """Processes sharing this machine (they share its CPU cores)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
-
-
 def is_main() -> bool:
     return rank() == 0
 
@@ -111,16 +102,17 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _engine(distributed_type) -> str:
+    """fsdp, deepspeed or ddp for one of accelerate's DistributedType values."""
+    name = str(distributed_type).split(".")[-1].upper()
+    return "fsdp" if "FSDP" in name else "deepspeed" if "DEEPSPEED" in name else "ddp"
+
+
 def kind(accelerator) -> str:
     """How the processes share the work: single, ddp, fsdp or deepspeed (accelerate's distributed type)."""
-    name = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1].upper()
     if accelerator is None or accelerator.num_processes <= 1:
         return "single"
-    if "FSDP" in name:
-        return "fsdp"
-    if "DEEPSPEED" in name:
-        return "deepspeed"
-    return "ddp"
+    return _engine(accelerator.distributed_type)
 
 
 def rewrap_after_evaluation(trainer) -> None:
@@ -154,8 +146,7 @@ def engine_from_config(path: str | None) -> str:
         return "ddp"
     from accelerate.commands.config.config_args import load_config_from_file
 
-    name = str(load_config_from_file(path).distributed_type).split(".")[-1].upper()
-    return "fsdp" if "FSDP" in name else "deepspeed" if "DEEPSPEED" in name else "ddp"
+    return _engine(load_config_from_file(path).distributed_type)
 
 
 def check(recipe, backend_name: str, engine: str | None = None) -> list[str]:

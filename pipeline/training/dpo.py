@@ -74,7 +74,7 @@ def train(
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         reference_info = attach_reference(trainer, recipe, loaded)
         if recipe.train.report_to != "none":  # the tracker shows where the reference came from, beside the curves
-            trainer.log({f"reference/{k[len('reference_') :]}": float(v) for k, v in _reference_status(reference_info)})
+            trainer.log(_reference_status(reference_info))
         try:
             before, after = run.fit(trainer, eval_block)
         finally:
@@ -154,9 +154,10 @@ def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
     return info
 
 
-def _reference_status(info: dict[str, Any]) -> list[tuple[str, float]]:
-    keep = ("reference_reused", "reference_seconds", "reference_forward_passes")
-    return [(k, float(info[k])) for k in keep if info.get(k) is not None]
+def _reference_status(info: dict[str, Any]) -> dict[str, float]:
+    """attach_reference's report as tracker scalars: reference/reused, reference/seconds, reference/forward_passes."""
+    keep = ("reused", "seconds", "forward_passes")
+    return {f"reference/{k}": float(info[f"reference_{k}"]) for k in keep if info.get(f"reference_{k}") is not None}
 
 
 def eval_block(metrics: dict[str, float]) -> dict[str, float]:
