@@ -16,9 +16,9 @@ import signal
 import socket
 from pathlib import Path
 
-from pipeline import run_folder
 from pipeline.errors import EXIT_SIGNAL, Interrupted, RunFailed, UserError
 from pipeline.training import guard
+from pipeline.training.run import locate
 
 LAUNCHED = "TWIN_DPO_LAUNCHED"  # set for the processes `--nproc` starts
 
@@ -90,14 +90,8 @@ def train(args, recipe) -> Path:
     problems = distributed.check(prep.recipe, prep.backend.name, distributed.engine_from_config(args.accelerate_config))
     if problems:
         raise UserError(problems)
-    run_dir = Path(args.resume) if args.resume and args.resume != "latest" else None
-    if args.resume == "latest":
-        found = run_folder.find_runs(recipe.name, finished=False)
-        run_dir = found[-1] if found else None
-        if run_dir is None:
-            raise UserError(f"--resume: no unfinished {recipe.name} run in {run_folder.RUNS}/; name the run folder")
-    if run_dir is None:
-        run_dir = run_folder.new_run_dir(recipe.name, args.run_dir)
+    # the run folder as one process would pick it (a new one, or the run to resume once its recipe is checked)
+    run_dir, _ = locate(prep.recipe, args.run_dir, args.resume, args.force)
     child = [args.recipe, *(f"--set={o}" for o in args.overrides), "--no-eval"]
     child += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
     child += ["--resume", str(run_dir)] if args.resume else ["--run-dir", str(run_dir)]

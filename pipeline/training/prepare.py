@@ -69,8 +69,9 @@ def prepare(recipe: Recipe) -> Prepared:
     recipes.validate(recipe)
     check_tracker(recipe.train.report_to)
     backend = resolve_backend(recipe)
-    if distributed.check(recipe, backend.name):
-        raise UserError(distributed.check(recipe, backend.name))
+    problems = distributed.check(recipe, backend.name)
+    if problems:
+        raise UserError(problems)
     train_pairs, eval_pairs = data_mod.load_splits(recipe.data, announce=True)
     if recipe.model.name_or_path.startswith(twin.PREFIX):
         # build the twin once (or find it), and pin the folder it means now, so recipe.json names the same weights

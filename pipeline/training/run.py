@@ -29,7 +29,7 @@ from pipeline.training import arguments, distributed, guard, trl_compat
 from pipeline.training.callbacks import time_evaluations
 
 
-def _locate(recipe: Recipe, run_dir, resume, force: bool) -> tuple[Path, bool]:
+def locate(recipe: Recipe, run_dir, resume, force: bool) -> tuple[Path, bool]:
     """(a new run folder, False), or (the run folder to resume, True) once its recipe is checked."""
     if resume is None:
         return run_folder.new_run_dir(recipe.name, run_dir), False
@@ -84,7 +84,7 @@ class Run:
             run.guard = guard.callback(run.path / "checkpoints", keep, autocast or "fp32")
             yield run
             return
-        path, resuming = _locate(recipe, run_dir, resume, force)
+        path, resuming = locate(recipe, run_dir, resume, force)
         checkpoints = path / "checkpoints"
         with guard.RunLock(path):
             checkpoint = None
