@@ -136,6 +136,12 @@ class TrainConfig:
     The order is drawn once from the seed and repeated in every epoch."""
     fast_head: bool = True
     """Score only completion positions through the LM head (training/fast_head.py); TRL's CPU path scores all."""
+    padding_free: bool = True
+    """DPO with the completion-only head: each pair's two answers go through the model as one packed row, no
+    padding between them, attention kept inside each sequence (training/packing.py). Same numbers up to float32
+    rounding; fewer tokens computed."""
+    prefix_sharing: bool = True
+    """With padding_free: the prompt is computed once per pair and both answers attend to it."""
     precompute_ref: bool = True
     """Compute the reference log-probs once, cache them on disk, and read them at every step (training/reference.py)."""
     save_every: int = 25

@@ -26,8 +26,11 @@ EVAL_KEYS = {"reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eva
 
 def _install_head(trainer, recipe) -> str:
     """The completion-only LM head where it applies; where it does not on a CPU, the run says why."""
-    if recipe.train.fast_head and fast_head.install_on_trainer(trainer):
-        return "completion-only (training/fast_head.py)"
+    t = recipe.train
+    packing = t.prefix_sharing if t.padding_free else None
+    if t.fast_head and fast_head.install_on_trainer(trainer, packing):
+        layout = {None: "", False: "; padding-free pairs", True: "; padding-free pairs, prompt shared"}[packing]
+        return f"completion-only (training/fast_head.py){layout}"
     model = trainer.accelerator.unwrap_model(trainer.model)
     reason = fast_head.decline_reason(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if reason and recipe.train.fast_head and next(model.parameters()).device.type != "cuda":
@@ -140,13 +143,22 @@ def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
             "reference_cache": None,
             "reference_reused": False,
             "reference_forward_passes": None,
+            "reference_pairs_computed": 0,
+            "reference_train_pairs_cached": 0,
             "reference_seconds": 0.0,
         }
     info = reference.attach(trainer, reference.default_cache_dir())
     if trainer.ref_model is not None:  # full DPO: its log-probs are stored, the copy can go
         trainer.ref_model = None
         loaded.ref_model = None
-    how = "reused from" if info["reference_reused"] else "computed and cached in"
+    n_train = len(trainer.train_dataset)
+    cached = info["reference_train_pairs_cached"]
+    later = f"; the other {n_train - cached} when a run reads them" if cached < n_train else ""
+    how = (
+        "reused from"
+        if info["reference_reused"]
+        else f"computed for {info['reference_pairs_computed']} pairs the run reads{later}, cached in"
+    )
     print(
         f"[twin-dpo] reference log-probs {how} {info['reference_cache']} ({info['reference_seconds']:.0f} s)",
         flush=True,

@@ -19,6 +19,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from pipeline.training import packing as packing_mod
 from pipeline.training import trl_compat
 
 
@@ -133,9 +134,12 @@ def completion_log_probs(
 
 
 def install_completion_head(
-    model, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")
+    model, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1"), packing: bool | None = None
 ) -> bool:
     """Replace TRL's fused LM head on `model` (a transformers model, not the PEFT wrapper) by the completion-only one.
+
+    `packing`: None runs TRL's padded rows; False packs each pair as [prompt + chosen | prompt + rejected]; True
+    as [prompt | chosen | rejected] with the prompt computed once (training/packing.py).
 
     Returns False, leaving TRL's head in place, where ours does not apply: CUDA (TRL's Triton path already scores
     only labelled positions), logit scaling or soft-capping, MoE router losses, or a TRL without the fused head.
@@ -146,6 +150,7 @@ def install_completion_head(
     if decline_reason(model) is not None or next(model.parameters()).device.type == "cuda":
         return False
     original = types.MethodType(type(model).forward, model)
+    window = packing_mod.attention_window(model.config)
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head:
@@ -158,7 +163,24 @@ def install_completion_head(
                     kwargs[name] = value
             return original(*args, **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        packed = None
+        plain = ("input_ids", "attention_mask", "use_cache", "return_dict")  # PEFT adds the rest as None
+        if packing is not None and not args and all(not v for k, v in kwargs.items() if k not in plain):
+            implementation = self.config._attn_implementation
+            packed = packing_mod.plan(
+                kwargs["input_ids"], kwargs.get("attention_mask"), labels, packing, implementation, self.dtype, window
+            )
+        if packed is None:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state
+        else:
+            self._twin_dpo_packed_tokens = packed.tokens  # what the step really ran (the bench's FLOP count)
+            hidden = self.base_model(
+                input_ids=packed.input_ids,
+                position_ids=packed.position_ids,
+                attention_mask=packed.attention_mask,
+                use_cache=False,
+            ).last_hidden_state
+            hidden = packing_mod.unpack(hidden, packed)
         if shift_labels is None:
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
         mask = shift_labels != -100
@@ -181,18 +203,19 @@ def install_completion_head(
 
     model.forward = types.MethodType(forward, model)
     model._twin_dpo_head_forward = model.forward  # training/exact_eval.py tells it from accelerate's wrapper
-    model._twin_dpo_head = f"completion-only, {CHUNK} rows per slice"  # part of the reference cache key
+    layout = {None: "padded rows", False: "packed pairs", True: "packed pairs, shared prompt"}[packing]
+    model._twin_dpo_head = f"completion-only, {CHUNK} rows per slice, {layout}"  # part of the reference cache key
     return True
 
 
-def install_on_trainer(trainer) -> bool:
+def install_on_trainer(trainer, packing: bool | None = None) -> bool:
     """Install the completion-only head on the trainer's policy and, if separate, its reference model."""
     from accelerate.utils import is_peft_model
 
     policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
     weighting = ("log_sum_sq_probs",) if trl_compat.uses_weighting(trainer) else ()
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + weighting
-    installed = install_completion_head(policy, outputs)
+    installed = install_completion_head(policy, outputs, packing)
     if installed and trainer.ref_model is not None:
-        install_completion_head(trainer.accelerator.unwrap_model(trainer.ref_model), ("log_probs",))
+        install_completion_head(trainer.accelerator.unwrap_model(trainer.ref_model), ("log_probs",), packing)
     return installed

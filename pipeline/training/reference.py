@@ -3,12 +3,21 @@
 The DPO reference is frozen, so its log-probability of each chosen and
 rejected answer is the same at every step, in every epoch, and in every run
 that shares (reference weights, tokenized data, max length). We compute it
-once, in length-sorted batches, with TRL's own `compute_ref_log_probs`, store
-it under `<cache>/reference/<key>.safetensors`, and hand it to TRL as the
-`ref_chosen_logps` / `ref_rejected_logps` columns its precompute mode reads.
-The key hashes the reference weights, the token ids, the max length and the
-numerics (autocast dtype, device, torch version, batch size), so a change to
-any of them (model, adapter, data, chat template, precision) misses the cache.
+with TRL's own `compute_ref_log_probs` (through the completion-only head and,
+where on, padding-free rows), store it under `<cache>/reference/<key>.safetensors`,
+and hand it to TRL as the `ref_chosen_logps` / `ref_rejected_logps` columns
+its precompute mode reads. The key hashes the reference weights, the token ids,
+the max length and the numerics (autocast dtype, device, torch version,
+batching, head), so a change to any of them (model, adapter, data, chat
+template, precision) misses the cache.
+
+Only what the run will read is computed: the held-out set, and the train pairs
+of the steps it will take (a `--max-steps 2` run: its first 2 global batches,
+when the order is the fixed length-grouped one). The train pairs are cut into
+fixed batches (sorted by length, up to TOKENS packed tokens each); a run
+computes the batches that hold a pair it needs and no others, and the cache
+file grows by batch. So each pair's numbers are those a full pass computes,
+whichever runs came first.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import torch
 from pipeline.storage import cache_root, hasher
 from pipeline.training import distributed, exact_eval, trl_compat
 
-BATCH = 8  # pairs per no-grad forward (and per evaluation batch): sorted by length, so batches pad little
+BATCH = 8  # pairs per held-out evaluation batch (and per batch of its reference pass, which must match it)
+TOKENS = 2048  # tokens (prompt + both answers) per no-grad forward of the train set's reference pass
 
 
 def reference_tensors(trainer) -> list[tuple[str, torch.Tensor]]:
@@ -71,7 +81,7 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     h.update(
         f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trl_compat.ld_alpha(trainer)};"
         f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
-        f"batch={BATCH};eval_batch={eval_batch};head={_head(trainer)};eval_fp32={exact_eval.applies(trainer)}".encode()
+        f"batch=tokens:{TOKENS};eval_batch={eval_batch};head={_head(trainer)};eval_fp32={exact_eval.applies(trainer)}".encode()
     )
     for dataset in datasets:
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -93,25 +103,50 @@ def eval_batch_size(n_rows: int) -> int:
     return next((b for b in range(top, 0, -1) if n_rows % (b * world) == 0), top)
 
 
-def _compute(trainer, dataset, progress_desc: str, sort: bool, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs for every row of a TRL-tokenized dataset, in length-sorted batches if `sort`.
+def batches(dataset, sort: bool, size: int | None) -> list[list[int]]:
+    """The fixed batches of a reference pass: `size` pairs each (the held-out set: its evaluation batches, in its
+    own order), or consecutive pairs in length order up to TOKENS tokens each (at least one pair)."""
+    order = list(range(len(dataset)))
+    pair_tokens = [
+        len(p) + len(c) + len(r)
+        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    ]
+    if sort:
+        order.sort(key=lambda i: pair_tokens[i])
+    if size is not None:
+        return [order[start : start + size] for start in range(0, len(order), size)]
+    out: list[list[int]] = [[]]
+    used = 0
+    for i in order:
+        if out[-1] and used + pair_tokens[i] > TOKENS:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += pair_tokens[i]
+    return [b for b in out if b]
 
-    The eval set comes already sorted and is read in its own order, so these batches are exactly the
-    evaluation's batches, computed in the evaluation's precision (training/exact_eval.py: fp32 where training
-    runs under CPU autocast), and an untouched policy scores rewards of exactly zero. With N processes each
-    computes every N-th batch (the batches are the same as in one process, so are the numbers) and all gather.
+
+def needed_train_rows(trainer, n_rows: int) -> int:
+    """How many leading train rows the run reads: the first max_steps global batches when the sampler reads the
+    rows in their order (length grouping), else all of them (a random sampler may read any)."""
+    args = trainer.args
+    if args.max_steps <= 0 or getattr(args, "train_sampling_strategy", "random") != "sequential":
+        return n_rows
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * distributed.world_size()
+    return min(n_rows, args.max_steps * per_step)
+
+
+def _compute(trainer, dataset, todo: list[list[int]], progress_desc: str) -> dict[int, tuple[float, float]]:
+    """Reference log-probs of the rows in the batches `todo` of a TRL-tokenized dataset: {row: (chosen, rejected)}.
+
+    The held-out set's batches are exactly the evaluation's batches, computed in the evaluation's precision
+    (training/exact_eval.py: fp32 where training runs under CPU autocast), so an untouched policy scores rewards
+    of exactly zero. With N processes each computes every N-th batch (the same batches, so the same numbers) and
+    all gather.
     """
     from tqdm.auto import tqdm
 
-    order = list(range(len(dataset)))
-    if sort:
-        lengths = [
-            len(p) + max(len(c), len(r))
-            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
-        ]
-        order.sort(key=lambda i: lengths[i])
-    batches = [order[start : start + batch] for start in range(0, len(order), batch)]
-    mine = batches[distributed.rank() :: distributed.world_size()]
+    mine = todo[distributed.rank() :: distributed.world_size()]
     done: list[tuple[list[int], list[float], list[float]]] = []
     model = trainer.ref_model if trainer.ref_model is not None else trainer.model
     was_training = trainer.model.training
@@ -127,20 +162,19 @@ def _compute(trainer, dataset, progress_desc: str, sort: bool, batch: int) -> tu
             done.append((idx, c.float().cpu().tolist(), r.float().cpu().tolist()))
     finally:
         trainer.model.train(was_training)
-    chosen = torch.empty(len(dataset), dtype=torch.float32)
-    rejected = torch.empty(len(dataset), dtype=torch.float32)
+    values = {}
     for part in distributed.gather(done):
         for idx, c, r in part:
-            chosen[idx] = torch.tensor(c, dtype=torch.float32)
-            rejected[idx] = torch.tensor(r, dtype=torch.float32)
-    return chosen, rejected
+            values.update({i: (a, b) for i, a, b in zip(idx, c, r, strict=True)})
+    return values
 
 
 def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
     """Give the trainer reference log-probs for its train and eval sets, from the cache or computed now.
 
     Afterwards the trainer reads them from each batch (TRL's precompute mode) and never runs the reference
-    model during training or evaluation. Returns what happened, for the run summary.
+    model during training or evaluation. Rows the run will not read stay NaN (and a batch holding one is refused
+    outright, never trained on). Returns what happened, for the run summary.
     """
     start = time.perf_counter()
     names = ["train"] + (["eval"] if trainer.eval_dataset is not None else [])
@@ -151,23 +185,32 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
 
     # rank 0 decides and reads (on several machines only its disk is sure to hold the cache); the others get a copy
     cached = distributed.broadcast(load_file(str(path)) if distributed.is_main() and path and path.is_file() else None)
-    if cached is not None:
-        tensors = cached
-        reused = True
-    else:
-        tensors = {}
-        for name in names:
+    tensors = dict(cached or {})
+    computed: dict[str, int] = {}
+    for name in names:
+        ds = datasets[name]
+        n = len(ds)
+        if f"{name}.chosen" not in tensors:
+            tensors[f"{name}.chosen"] = torch.full((n,), float("nan"))
+            tensors[f"{name}.rejected"] = torch.full((n,), float("nan"))
+        done = tensors.get(f"{name}.done", ~tensors[f"{name}.chosen"].isnan()).bool()
+        want = needed_train_rows(trainer, n) if name == "train" else n
+        fixed = None if name == "train" else trainer.args.per_device_eval_batch_size
+        todo = [b for b in batches(ds, name == "train", fixed) if any(i < want and not done[i] for i in b)]
+        if todo:
             exact = exact_eval.full_precision(trainer) if name == "eval" else contextlib.nullcontext()
             with exact:
-                batch = BATCH if name == "train" else trainer.args.per_device_eval_batch_size
-                c, r = _compute(trainer, datasets[name], f"reference log-probs ({name})", name == "train", batch)
-            tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = c, r
-        if path is not None and distributed.is_main():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
-        reused = False
+                values = _compute(trainer, ds, todo, f"reference log-probs ({name})")
+            for i, (c, r) in values.items():
+                tensors[f"{name}.chosen"][i], tensors[f"{name}.rejected"][i] = c, r
+                done[i] = True
+            computed[name] = len(values)
+        tensors[f"{name}.done"] = done.to(torch.uint8)
+    if computed and path is not None and distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
     for name in names:
         ds = datasets[name]
         for side in ("chosen", "rejected"):
@@ -181,12 +224,35 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
         trainer.eval_dataset = datasets["eval"]
     # TRL's precompute mode: _compute_loss reads ref_*_logps from the batch instead of running the reference
     trl_compat.use_precomputed_reference(trainer)
+    _refuse_missing(trainer)
+    train_done = int(tensors["train.done"].sum())
     return {
         "reference_cache": str(path) if path else None,
-        "reference_reused": reused,
-        "reference_forward_passes": 0 if reused else len(names),  # datasets run through the reference
+        "reference_reused": not computed,
+        "reference_forward_passes": len(computed),  # datasets (train, held-out) that ran through the reference
+        "reference_pairs_computed": sum(computed.values()),
+        "reference_train_pairs_cached": train_done,  # of len(train): a short run leaves the rest for later runs
         "reference_seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _refuse_missing(trainer) -> None:
+    """Make the trainer refuse to compute a loss on a batch whose reference log-probs were never computed (NaN):
+    a wrong guess of which pairs the run reads must stop the run, not train on NaN. (Not in the collator:
+    accelerate's loader collates one batch ahead, past the last step.)"""
+    compute_loss = trainer.compute_loss
+    if getattr(compute_loss, "_twin_dpo_checked", False):
+        return
+
+    def checked(model, inputs, *args, **kwargs):
+        for column in ("ref_chosen_logps", "ref_rejected_logps"):
+            value = inputs.get(column)
+            if value is not None and torch.isnan(value).any():
+                raise RuntimeError(f"{column} of a batch was never computed (training/reference.py needed_train_rows)")
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    checked._twin_dpo_checked = True
+    trainer.compute_loss = checked
 
 
 def default_cache_dir() -> Path:
