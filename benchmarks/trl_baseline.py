@@ -53,7 +53,7 @@ def main() -> None:
 
     from pipeline.model.backend import cpu_has_bf16
     from pipeline.model.paths import resolve_model_path
-    from pipeline.training import twin
+    from pipeline.training import twin, work
 
     spec = recipe.model.name_or_path
     path = str(twin.model_dir(spec)) if spec.startswith(twin.PREFIX) else resolve_model_path(spec)
@@ -108,6 +108,7 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    counted = work.install_on_trainer(trainer)  # counts what the model computes (the bench's MFU); changes nothing
     eval_seconds = time.perf_counter()
     before = trainer.evaluate()
     eval_seconds = time.perf_counter() - eval_seconds
@@ -169,6 +170,7 @@ def main() -> None:
         "eval_before": pick(before),
         "eval_after": pick(after),
         "artifact": "adapter",
+        "work": work.total(counted),
         "versions": runtime.versions(),
     }
     storage.write_json_atomic(run_dir / "summary.json", summary)

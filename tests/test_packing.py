@@ -116,3 +116,28 @@ def test_sequences_longer_than_a_sliding_window_run_unpacked():
     attn = (torch.arange(5) < torch.tensor([[5], [4]])).long()
     assert packing.plan(ids, attn, labels, True, "sdpa", torch.float32, window=4) is None
     assert packing.plan(ids, attn, labels, True, "sdpa", torch.float32, window=5) is not None
+
+
+def test_the_work_counter_counts_the_packed_rows_and_the_projected_positions(tiny_llama, small_data, tmp_path):
+    """training/work.py (the bench's MFU) counts what really ran: packed positions, answer positions of the head."""
+    from pipeline.training import work
+
+    trainer = tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data, precompute_ref=False), tmp_path)
+    policy = trainer.model.get_base_model()
+    fast_head.install_completion_head(policy, ("log_probs", "entropy", "mean_logits", "is_top1"), True)
+    counts = work.total(work.install_on_trainer(trainer))
+    assert counts["train"]["body_tokens"] == 0
+    batch = _pairs_batch(trainer)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    packed = packing.plan(batch["input_ids"], batch["attention_mask"], labels, True, "sdpa", torch.float32)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)  # policy with gradient, then TRL's reference forward without
+    counts = work.total(work.install_on_trainer(trainer))
+    answers = int((labels[:, 1:] != -100).sum())
+    assert counts["train"] == {"body_tokens": packed.input_ids.numel(), "head_rows": answers, "forwards": 1}
+    assert counts["reference"] == {"body_tokens": packed.input_ids.numel(), "head_rows": answers, "forwards": 1}
+    assert packed.input_ids.numel() < batch["input_ids"].numel()
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)  # held-out evaluation: not training work
+    assert work.total(work.install_on_trainer(trainer)) == counts

@@ -1,10 +1,10 @@
 """`python -m pipeline bench`: our LoRA DPO against plain TRL, measured side by side in one invocation.
 
 Each run is its own process (peak memory is that process's own), baseline and ours alternate, and
-every figure is reported as a median with its spread and as a ratio to the baseline. MFU = model FLOPs
-achieved / the matmul peak this bench measures itself at the model's shapes and compute dtype, with
-model FLOPs = 6 x parameters x real (non-pad) tokens for a LoRA DPO step (policy forward 2NT, backward
-through the frozen base 2NT, reference forward 2NT). Writes reports/bench/bench.md and bench.json.
+every figure is reported as a median with its spread and as a ratio to the baseline. MFU = the FLOPs each
+side's model really performed in its training time (the positions it counted: training/work.py; the
+formula: bench_report.model_flops) / the matmul peak this bench measures itself at the model's shapes and
+compute dtype. Writes reports/bench/bench.md and bench.json.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from pipeline.training import twin
 
 ABLATIONS = (  # each lever switched off on its own
     ("completion-only LM head off (TRL's head)", ["train.fast_head=false"]),
+    ("padding-free rows off (TRL's padded rows)", ["train.padding_free=false"]),
+    ("prefix sharing off (packed, each answer with its own copy of the prompt)", ["train.prefix_sharing=false"]),
     ("length grouping off (random batches)", ["train.group_by_length=false"]),
     ("reference run at every step (no cached log-probs)", ["train.precompute_ref=false"]),
     ("gradient checkpointing on (TRL's default)", ["train.gradient_checkpointing=true"]),
@@ -146,7 +148,7 @@ def bench(
     path = paths.resolve_model_path(recipe.model.name_or_path)
     config = AutoConfig.from_pretrained(path)
     prec = precision(recipe, "cuda" if cuda_available() else "cpu")
-    params = _param_count(config)
+    shape = model_shape(config)
     peak = matmul_peak(config.hidden_size, config.intermediate_size, 1024, prec.autocast or "fp32")
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="twin-bench-", dir=out))
@@ -184,15 +186,20 @@ def bench(
                 o = run_ours(work / f"scale-o-{length}-{batch}", scaling_steps, sets, env)
                 scale.append({"length": length, "batch": batch, "baseline": b, "ours": o})
     report = bench_report.render(
-        main, ablation, scale, params, peak, prec, steps, ablation_steps, repeats, time.perf_counter() - start
+        main, ablation, scale, shape, peak, prec, steps, ablation_steps, repeats, time.perf_counter() - start
     )
     write_json_atomic(out / "bench.json", report["json"])
     write_text_atomic(out / "bench.md", report["md"])
+    for line in report["targets"]:
+        print(f"[twin-dpo] target: {line}", flush=True)
     return out / "bench.md"
 
 
-def _param_count(config) -> int:
+def model_shape(config) -> dict[str, int]:
+    """Weights per token position: `body` (the transformer layers), `head` (the LM head's vocab x hidden), and
+    `params` (all, embeddings once when tied) - what bench_report.model_flops multiplies the counted positions by."""
     h, i, n, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
-    return n * per_layer + v * h * (1 if config.tie_word_embeddings else 2) + h
+    body = n * per_layer + h
+    return {"body": body, "head": v * h, "params": body + v * h * (1 if config.tie_word_embeddings else 2)}

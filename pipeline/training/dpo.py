@@ -16,7 +16,7 @@ from pipeline.model import adapters
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
 from pipeline.storage import human_bytes
-from pipeline.training import arguments, distributed, exact_eval, fast_head, reference, twin
+from pipeline.training import arguments, distributed, exact_eval, fast_head, reference, twin, work
 from pipeline.training.callbacks import run_log
 from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
@@ -75,6 +75,7 @@ def train(
         trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [])
         head = _install_head(trainer, recipe)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
+        counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
         reference_info = attach_reference(trainer, recipe, loaded)
         if recipe.train.report_to != "none":  # the tracker shows where the reference came from, beside the curves
             trainer.log(_reference_status(reference_info))
@@ -104,6 +105,7 @@ def train(
             eval_pairs=len(prep.eval_rows),
             artifact=artifact,
             allocator=allocator,
+            work=work.total(counted),
         )
         run.finish(summary)
     return summary, run.path

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.training import packing as packing_mod
-from pipeline.training import trl_compat
+from pipeline.training import trl_compat, work
 
 
 def decline_reason(model) -> str | None:
@@ -173,7 +173,7 @@ def install_completion_head(
         if packed is None:
             hidden = self.base_model(*args, **kwargs).last_hidden_state
         else:
-            self._twin_dpo_packed_tokens = packed.tokens  # what the step really ran (the bench's FLOP count)
+            self._twin_dpo_packed_tokens = packed.tokens  # real tokens in the packed rows (tests read it)
             hidden = self.base_model(
                 input_ids=packed.input_ids,
                 position_ids=packed.position_ids,
@@ -184,6 +184,7 @@ def install_completion_head(
         if shift_labels is None:
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
         mask = shift_labels != -100
+        work.count_head(self, mask.sum())
         head = self.get_output_embeddings()
         fields = completion_log_probs(hidden[mask], head.weight, head.bias, shift_labels[mask], outputs)
         # masked_scatter keeps the result attached to the graph even when no position is labelled

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from pipeline.storage import cache_root, hasher
-from pipeline.training import distributed, exact_eval, trl_compat
+from pipeline.training import distributed, exact_eval, trl_compat, work
 
 BATCH = 8  # pairs per held-out evaluation batch (and per batch of its reference pass, which must match it)
 TOKENS = 2048  # tokens (prompt + both answers) per no-grad forward of the train set's reference pass
@@ -158,7 +158,8 @@ def _compute(trainer, dataset, todo: list[list[int]], progress_desc: str) -> dic
             rows = dataset.select(idx)
             examples = [{c: rows[c][k] for c in columns} for k in range(len(idx))]
             batch_in = trl_compat.prepare_inputs(trainer, trainer.data_collator(examples))
-            c, r = trainer.compute_ref_log_probs(model, batch_in)
+            with work.reference_pass():
+                c, r = trainer.compute_ref_log_probs(model, batch_in)
             done.append((idx, c.float().cpu().tolist(), r.float().cpu().tolist()))
     finally:
         trainer.model.train(was_training)
