@@ -35,8 +35,24 @@ from pipeline.storage import cache_root, feed_file, hasher, read_json, write_jso
 MAX_NEW_TOKENS = 128
 
 
-def generate(model, tokenizer, questions, system_prompt: str | None, max_new_tokens: int) -> list[str]:
-    """Greedy answers to `questions`, one batch, left-padded."""
+class _Progress:
+    """A transformers logits processor that only ticks a progress bar: one tick per generated token."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores):  # noqa: ARG002 (the processor signature)
+        self.bar.update(1)
+        return scores
+
+
+def generate(
+    model, tokenizer, questions, system_prompt: str | None, max_new_tokens: int, label: str = "answers"
+) -> list[str]:
+    """Greedy answers to `questions`, one batch, left-padded, with the KV cache; a progress bar counts the tokens."""
+    from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
+
     prompts = [render_prompt(tokenizer, Pair((("user", q),), "", "", "question"), system_prompt) for q in questions]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -45,13 +61,16 @@ def generate(model, tokenizer, questions, system_prompt: str | None, max_new_tok
     finally:
         tokenizer.padding_side = side
     torch.manual_seed(0)
-    with torch.no_grad():
+    desc = f"{label}: {len(questions)} questions"
+    with torch.no_grad(), tqdm(total=max_new_tokens, desc=desc, unit="token", dynamic_ncols=True) as bar:
         out = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            logits_processor=LogitsProcessorList([_Progress(bar)]),
         )
     return [tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip() for row in out]
 
@@ -129,13 +148,13 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
     system = recipe.data.system_prompt
     policy_ctx, twin_ctx = _models(recipe, run_dir, summary.get("artifact", "adapter"), path)
     with policy_ctx as policy:
-        after = generate(policy, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS)
+        after = generate(policy, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS, "trained twin")
         cache = cache_root() / "generations" / f"{_fingerprint(path, recipe)}.json"
         if cache.is_file():
             before = json.loads(cache.read_text())["answers"]
         else:
             with twin_ctx() as twin:
-                before = generate(twin, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS)
+                before = generate(twin, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS, "untouched twin")
             cache.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(cache, {"questions": FIXED_QUESTIONS, "answers": before})
     _, held = load_splits(recipe.data)  # the held-out answers themselves are the yardsticks of the two voices

@@ -155,7 +155,7 @@ def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
         loaded.ref_model = None
     n_train = len(trainer.train_dataset)
     cached = info["reference_train_pairs_cached"]
-    later = f"; the other {n_train - cached} when a run reads them" if cached < n_train else ""
+    later = f"; the other {n_train - cached} train pairs when a run reads them" if cached < n_train else ""
     how = (
         "reused from"
         if info["reference_reused"]

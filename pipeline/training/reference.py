@@ -14,10 +14,11 @@ template, precision) misses the cache.
 Only what the run will read is computed: the held-out set, and the train pairs
 of the steps it will take (a `--max-steps 2` run: its first 2 global batches,
 when the order is the fixed length-grouped one). The train pairs are cut into
-fixed batches (sorted by length, up to TOKENS packed tokens each); a run
-computes the batches that hold a pair it needs and no others, and the cache
-file grows by batch. So each pair's numbers are those a full pass computes,
-whichever runs came first.
+fixed batches: the training steps' own batches (their pairs have similar
+lengths), or, under a random sampler, batches sorted by length of up to TOKENS
+tokens each. A run computes the batches that hold a pair it needs and no
+others, and the cache file grows by batch, so each pair's numbers are those a
+full pass computes, whichever runs came first.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pipeline.storage import cache_root, hasher
 from pipeline.training import distributed, exact_eval, trl_compat, work
 
 BATCH = 8  # pairs per held-out evaluation batch (and per batch of its reference pass, which must match it)
-TOKENS = 2048  # tokens (prompt + both answers) per no-grad forward of the train set's reference pass
+TOKENS = 2048  # tokens (prompt + both answers) per reference forward when the train order is random
 
 
 def reference_tensors(trainer) -> list[tuple[str, torch.Tensor]]:
@@ -68,6 +69,7 @@ def _head(trainer) -> str:
 
 def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     eval_batch = trainer.args.per_device_eval_batch_size
+    batching = rows_per_step(trainer) or f"tokens:{TOKENS}"
     h = hasher()
     for name, tensor in reference_tensors(trainer):
         h.update(name.encode())
@@ -81,7 +83,7 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     h.update(
         f"max_length={max_length};truncation={args.truncation_mode};ld_alpha={trl_compat.ld_alpha(trainer)};"
         f"bf16={args.bf16};fp16={args.fp16};device={trainer.accelerator.device.type};torch={torch.__version__};"
-        f"batch=tokens:{TOKENS};eval_batch={eval_batch};head={_head(trainer)};eval_fp32={exact_eval.applies(trainer)}".encode()
+        f"batch={batching};eval_batch={eval_batch};head={_head(trainer)};eval_fp32={exact_eval.applies(trainer)}".encode()
     )
     for dataset in datasets:
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -126,14 +128,22 @@ def batches(dataset, sort: bool, size: int | None) -> list[list[int]]:
     return [b for b in out if b]
 
 
-def needed_train_rows(trainer, n_rows: int) -> int:
-    """How many leading train rows the run reads: the first max_steps global batches when the sampler reads the
-    rows in their order (length grouping), else all of them (a random sampler may read any)."""
+def rows_per_step(trainer) -> int | None:
+    """Train rows per optimizer step when the sampler reads the rows in their order (length grouping: the order
+    is drawn once, each step's pairs have similar lengths), else None (a random sampler may read any row)."""
     args = trainer.args
-    if args.max_steps <= 0 or getattr(args, "train_sampling_strategy", "random") != "sequential":
+    if getattr(args, "train_sampling_strategy", "random") != "sequential":
+        return None
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * distributed.world_size()
+
+
+def needed_train_rows(trainer, n_rows: int) -> int:
+    """How many leading train rows the run reads: the first max_steps steps' rows when the sampler reads the rows
+    in their order, else all of them."""
+    per_step = rows_per_step(trainer)
+    if trainer.args.max_steps <= 0 or per_step is None:
         return n_rows
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * distributed.world_size()
-    return min(n_rows, args.max_steps * per_step)
+    return min(n_rows, trainer.args.max_steps * per_step)
 
 
 def _compute(trainer, dataset, todo: list[list[int]], progress_desc: str) -> dict[int, tuple[float, float]]:
@@ -196,8 +206,12 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
             tensors[f"{name}.rejected"] = torch.full((n,), float("nan"))
         done = tensors.get(f"{name}.done", ~tensors[f"{name}.chosen"].isnan()).bool()
         want = needed_train_rows(trainer, n) if name == "train" else n
-        fixed = None if name == "train" else trainer.args.per_device_eval_batch_size
-        todo = [b for b in batches(ds, name == "train", fixed) if any(i < want and not done[i] for i in b)]
+        if name == "train":  # the training steps' own batches (similar lengths, so little padding), else sorted
+            fixed = rows_per_step(trainer)
+            sort = fixed is None
+        else:
+            fixed, sort = trainer.args.per_device_eval_batch_size, False
+        todo = [b for b in batches(ds, sort, fixed) if any(i < want and not done[i] for i in b)]
         if todo:
             exact = exact_eval.full_precision(trainer) if name == "eval" else contextlib.nullcontext()
             with exact:
