@@ -1,6 +1,6 @@
 """What the model really computed in a run, for honest utilisation (the bench's MFU).
 
-A forward hook on the causal-LM module counts, per phase, the token positions the transformer body ran (padding
+A forward pre-hook on the transformer body counts, per phase, the token positions the transformer body ran (padding
 included where a batch is padded; the packed rows where training/packing.py packed them) and the positions the
 LM head projected (ours: the completion positions; TRL's head on a CPU: every position). Phases:
 
@@ -32,6 +32,10 @@ def reference_pass():
         _in_reference_pass = previous
 
 
+def _empty() -> dict[str, dict[str, int]]:
+    return {phase: {"body_tokens": 0, "head_rows": 0, "forwards": 0} for phase in ("train", "reference")}
+
+
 def _phase(module) -> str | None:
     if _in_reference_pass:
         return "reference"
@@ -50,7 +54,7 @@ def install(model) -> dict[str, dict[str, int]]:
     """
     if hasattr(model, ATTR):
         return getattr(model, ATTR)
-    counts = {phase: {"body_tokens": 0, "head_rows": 0, "forwards": 0} for phase in ("train", "reference")}
+    counts = _empty()
 
     def before(module, args, kwargs):
         phase = _phase(module)
@@ -86,7 +90,7 @@ def install_on_trainer(trainer) -> list[dict[str, dict[str, int]]]:
 
 
 def total(counted: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
-    out = {phase: {"body_tokens": 0, "head_rows": 0, "forwards": 0} for phase in ("train", "reference")}
+    out = _empty()
     for counts in counted:
         for phase, c in counts.items():
             for k, v in c.items():
