@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe into a run folder")
     train.add_argument("recipe", help="recipe name (dpo_lora, dpo_qlora, dpo_full) or path to a recipe .py file")
     _run_options(train)
-    train.add_argument("--no-eval", action="store_true", help="skip answering the fixed questions after training")
+    train.add_argument("--no-eval", action="store_true", help="a smoke test: no held-out evaluation, no answers")
+    train.add_argument("--no-answers", action="store_true", help="skip the fixed-question answers (not held-out)")
     train.add_argument(
         "--nproc",
         type=int,
@@ -198,13 +199,12 @@ def _cmd_train(args) -> int:
     else:
         from pipeline.training import distributed, dpo
 
-        summary, run_dir = dpo.train(
-            recipe, args.run_dir, max_steps=args.max_steps, resume=args.resume, force=args.force
-        )
+        options = dict(max_steps=args.max_steps, resume=args.resume, force=args.force, held_out=not args.no_eval)
+        summary, run_dir = dpo.train(recipe, args.run_dir, **options)
         print(dpo.describe(summary, run_dir), flush=True)
         if not distributed.is_main():
             return 0  # rank 0 answers the fixed questions
-    if not args.no_eval:
+    if not (args.no_eval or args.no_answers):
         from pipeline.evaluation import evaluate
 
         print("[twin-dpo] answering the fixed questions (evaluate)", flush=True)

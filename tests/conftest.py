@@ -208,7 +208,7 @@ def train_argv(model_dir: Path, data: dict[str, Path], run_dir: Path, *sets: str
         "dpo_lora",
         "--max-steps",
         "1",
-        "--no-eval",
+        "--no-answers",
         "--run-dir",
         str(run_dir),
         *cli_sets(model_dir, data),

@@ -153,3 +153,22 @@ def test_console_script_and_module_entry_point_agree():
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "twin-dpo: error: train.beta: must be > 0, got -1.0"
     ]
+
+
+def test_no_eval_is_a_smoke_test_without_held_out_work(tmp_path, tiny_llama, small_data, capsys):
+    """`--no-eval` (issue 17's smoke test): no held-out evaluation, not even the recipe's periodic one, no reference
+    pass over the held-out pairs, no fixed-question answers; the run still trains and writes its folder."""
+    run_dir = tmp_path / "smoke"
+    argv = ["train", "dpo_lora", "--max-steps", "2", "--no-eval", "--run-dir", str(run_dir)]
+    sets = [*cli_sets(tiny_llama, small_data), "--set", "model.dtype=float32", "--set", "train.eval_every=0.5"]
+    assert cli.main(argv + sets) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert summary["eval_before"] is None and summary["eval_after"] is None and summary["eval_pairs"] == 0
+    # the reference pass computed the 2 steps' train pairs (sequential sampler) and no held-out pair
+    assert summary["reference_pairs_computed"] == summary["pairs_trained"] == 4
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [m for m in metrics if "eval_loss" in m] and [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and not (run_dir / "samples.md").exists()
+    out = capsys.readouterr().out
+    assert "held-out: not evaluated (--no-eval)" in out and "answering the fixed questions" not in out

@@ -33,7 +33,7 @@ def _argv(model, data, run_dir, batch, *extra):
         "dpo_lora",
         "--max-steps",
         str(STEPS),
-        "--no-eval",
+        "--no-answers",
         "--run-dir",
         str(run_dir),
         *cli_sets(model, data),
@@ -183,7 +183,7 @@ def test_a_missing_tracker_is_one_line_and_exit_2(tiny_llama, small_data, tmp_pa
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    argv = ["train", "dpo_lora", "--max-steps", "1", "--no-eval", "--run-dir", str(tmp_path / "run")]
+    argv = ["train", "dpo_lora", "--max-steps", "1", "--no-answers", "--run-dir", str(tmp_path / "run")]
     code = cli.main([*argv, *cli_sets(tiny_llama, small_data), "--set", "train.report_to=wandb"])
     err = capsys.readouterr().err
     assert code == 2
@@ -274,7 +274,7 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_and_one_resume
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate runs FSDP: nothing to refuse")
 def test_an_fsdp_config_on_a_cpu_is_refused_before_any_process_starts(tiny_llama, small_data, tmp_path, capsys):
-    argv = ["train", "dpo_lora", "--max-steps", "1", "--no-eval", "--run-dir", str(tmp_path / "run"), "--nproc", "2"]
+    argv = ["train", "dpo_lora", "--max-steps", "1", "--no-answers", "--run-dir", str(tmp_path / "run"), "--nproc", "2"]
     argv += ["--accelerate-config", str(CONFIGS / "fsdp2.yaml"), *cli_sets(tiny_llama, small_data)]
     code = cli.main(argv)
     err = capsys.readouterr().err

@@ -37,7 +37,7 @@ def _cli(root, argv: list[str]) -> tuple[int, str]:
 
 
 def _train(recipe: str, folder, data, run_dir) -> list[str]:
-    argv = ["train", recipe, "--max-steps", "2", "--no-eval", "--run-dir", str(run_dir), *cli_sets(folder, data)]
+    argv = ["train", recipe, "--max-steps", "2", "--no-answers", "--run-dir", str(run_dir), *cli_sets(folder, data)]
     return argv + ["--set", "model.dtype=float32", "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=0"]
 
 

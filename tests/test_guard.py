@@ -37,7 +37,7 @@ def _argv(model, data, extra=(), command="train", recipe="dpo_lora"):
         recipe,
         "--max-steps",
         str(STEPS),
-        *(["--no-eval"] if command == "train" else []),
+        *(["--no-answers"] if command == "train" else []),
         *cli_sets(model, data),
         "--set",
         "model.dtype=float32",
@@ -184,7 +184,7 @@ def test_resume_with_a_changed_recipe_names_the_fields(tiny_llama, small_data, t
     assert (
         "train.learning_rate (0.001 in the run, 0.0005 now)" in err and "train.max_steps (2 in the run, 4 now)" in err
     )
-    assert cli.main(argv + ["--force", "--no-eval"]) == 0
+    assert cli.main(argv + ["--force", "--no-answers"]) == 0
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
 
 

@@ -65,7 +65,7 @@ def run_ours(folder: Path, steps: int, sets: list[str], env: dict[str, str]) -> 
         "dpo_lora",
         "--run-dir",
         str(folder),
-        "--no-eval",
+        "--no-answers",
         "--max-steps",
         str(steps),
         "--set",

@@ -27,7 +27,7 @@ def gpu_smoke(steps: int = 30, overrides: list[str] | None = None, out: Path = P
                     method,
                     "--run-dir",
                     str(folder),
-                    "--no-eval",
+                    "--no-answers",
                     *children.flags(steps, sets),
                 ],
                 f"{method} on {backend}",

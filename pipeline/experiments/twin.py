@@ -40,7 +40,15 @@ def twin(
         folder = out / "runs" / f"memory-{kind}"
         sets = twin_sets + [f"model.twin_reference={kind}", "train.precompute_ref=false", "train.eval_every=0"]
         children.run(
-            [*py, "train", "dpo_lora_twin", "--run-dir", str(folder), "--no-eval", *children.flags(memory_steps, sets)],
+            [
+                *py,
+                "train",
+                "dpo_lora_twin",
+                "--run-dir",
+                str(folder),
+                "--no-answers",
+                *children.flags(memory_steps, sets),
+            ],
             f"4/4 memory, reference as {kind}",
         )
         memory[kind] = read_json(folder / "summary.json")

@@ -63,12 +63,17 @@ def common_args(
     )
 
 
-def dpo_args(recipe: Recipe, run_dir: Path, device: str, total_steps: int, eval_batch: int = EVAL_BATCH):
-    """The recipe as trl.DPOConfig."""
+def dpo_args(
+    recipe: Recipe, run_dir: Path, device: str, total_steps: int, eval_batch: int = EVAL_BATCH, evaluate: bool = True
+):
+    """The recipe as trl.DPOConfig; `evaluate=False`: no periodic held-out evaluation (`train --no-eval`)."""
     from trl import DPOConfig
 
+    common = common_args(recipe, run_dir, device, total_steps, eval_batch)
+    if not evaluate:
+        common.update(eval_strategy="no", eval_steps=None)
     return DPOConfig(
-        **common_args(recipe, run_dir, device, total_steps, eval_batch),
+        **common,
         beta=recipe.train.beta,
         loss_type=[recipe.train.loss_type],
         precompute_ref_log_probs=False,  # training/reference.py does it, cached on disk, then switches TRL to it

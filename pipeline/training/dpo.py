@@ -51,12 +51,15 @@ def train(
     resume: str | Path | None = None,
     force: bool = False,
     extra_callbacks: list | None = None,
+    held_out: bool = True,
 ) -> tuple[dict[str, Any], Path]:
     """Run DPO for `recipe`; returns (summary, run folder). The folder is made only after all checks pass.
 
     `max_steps` overrides train.max_steps (and is recorded in recipe.json). `resume`: a run folder, or
     "latest" for the newest unfinished run of this recipe; it continues from the newest complete checkpoint.
     `inspect(trainer)`, if given, is called after training (tests look at the reference adapter there).
+    `held_out=False` (`train --no-eval`, a smoke test): no held-out evaluation and no reference pass over the
+    held-out pairs; the summary's eval_before / eval_after are None.
     """
     started = time.perf_counter()
     recipe = with_max_steps(recipe, max_steps)
@@ -72,7 +75,7 @@ def train(
         )
         loaded = load_model(prep, run)
         run.start_clock()
-        trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [])
+        trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [], held_out)
         head = _install_head(trainer, recipe)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
@@ -80,7 +83,7 @@ def train(
         if recipe.train.report_to != "none":  # the tracker shows where the reference came from, beside the curves
             trainer.log(_reference_status(reference_info))
         try:
-            before, after = run.fit(trainer, eval_block)
+            before, after = run.fit(trainer, eval_block if held_out else None)
         finally:
             log.close()
         if inspect is not None:
@@ -102,7 +105,7 @@ def train(
             lm_head=head,
             held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),
             mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1),
-            eval_pairs=len(prep.eval_rows),
+            eval_pairs=len(prep.eval_rows) if held_out else 0,
             artifact=artifact,
             allocator=allocator,
             work=work.total(counted),
@@ -111,8 +114,9 @@ def train(
     return summary, run.path
 
 
-def build_trainer(prep: Prepared, run: Run, loaded, extra_callbacks: list):
-    """(trl.DPOTrainer on the prepared rows, our progress log): the log and the guard replace TRL's printer."""
+def build_trainer(prep: Prepared, run: Run, loaded, extra_callbacks: list, held_out: bool = True):
+    """(trl.DPOTrainer on the prepared rows, our progress log): the log and the guard replace TRL's printer.
+    Without `held_out` the trainer gets no held-out set and never evaluates."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer
@@ -124,10 +128,15 @@ def build_trainer(prep: Prepared, run: Run, loaded, extra_callbacks: list):
         model=loaded.model,
         ref_model=loaded.ref_model,
         args=arguments.dpo_args(
-            recipe, run.path, prep.backend.device, total_steps, reference.eval_batch_size(len(prep.eval_rows))
+            recipe,
+            run.path,
+            prep.backend.device,
+            total_steps,
+            reference.eval_batch_size(len(prep.eval_rows)),
+            evaluate=held_out,
         ),
         train_dataset=Dataset.from_list(prep.train_rows),
-        eval_dataset=Dataset.from_list(prep.eval_rows),
+        eval_dataset=Dataset.from_list(prep.eval_rows) if held_out else None,
         processing_class=loaded.tokenizer,
         peft_config=loaded.peft_config,
         callbacks=[log, run.guard, *extra_callbacks],
@@ -208,6 +217,14 @@ def model_description(recipe: Recipe, path: str) -> str:
 
 def describe(summary: dict[str, Any], run_dir: Path) -> str:
     b, a = summary["eval_before"], summary["eval_after"]
+    held = (
+        f"held-out ({summary['backend']}, computed in {summary.get('held_out_precision', 'float32')}): "
+        f"reward accuracy {_num(b, 'reward_accuracy', 3)} -> {_num(a, 'reward_accuracy', 3)}, "
+        f"margin {_num(b, 'reward_margin', 4)} -> {_num(a, 'reward_margin', 4)}, "
+        f"loss {_num(b, 'loss', 4)} -> {_num(a, 'loss', 4)}"
+        if a is not None
+        else "held-out: not evaluated (--no-eval)"
+    )
     return "\n".join(
         [
             f"model: {summary['model']}; reference: {summary['reference']}",
@@ -215,11 +232,13 @@ def describe(summary: dict[str, Any], run_dir: Path) -> str:
             f"({summary['pairs_per_second']:.2f} pairs/s, {summary['tokens_per_second']:.0f} tokens/s); "
             f"model load {summary['load_seconds']:.0f} s, evaluation {summary['eval_seconds']:.0f} s; "
             f"peak memory {human_bytes(summary['peak_memory_bytes'])}",
-            f"held-out ({summary['backend']}, computed in {summary.get('held_out_precision', 'float32')}): "
-            f"reward accuracy {b['reward_accuracy']:.3f} -> "
-            f"{a['reward_accuracy']:.3f}, "
-            f"margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, loss {b['loss']:.4f} -> {a['loss']:.4f}",
+            held,
             f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,}",
             f"run folder: {run_dir}  ({summary['artifact']}/, metrics.jsonl, summary.json)",
         ]
     )
+
+
+def _num(block: dict | None, key: str, digits: int) -> str:
+    """One held-out figure; "not measured" where the block is missing (a resumed run started with --no-eval)."""
+    return f"{block[key]:.{digits}f}" if block is not None else "not measured"

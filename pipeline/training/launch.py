@@ -92,7 +92,8 @@ def train(args, recipe) -> Path:
         raise UserError(problems)
     # the run folder as one process would pick it (a new one, or the run to resume once its recipe is checked)
     run_dir, _ = locate(prep.recipe, args.run_dir, args.resume, args.force)
-    child = [args.recipe, *(f"--set={o}" for o in args.overrides), "--no-eval"]
+    child = [args.recipe, *(f"--set={o}" for o in args.overrides), "--no-answers"]  # answered here, afterwards
+    child += ["--no-eval"] if args.no_eval else []
     child += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
     child += ["--resume", str(run_dir)] if args.resume else ["--run-dir", str(run_dir)]
     child += ["--force"] if args.force else []

@@ -104,20 +104,24 @@ class Run:
                 guard.prune(checkpoints, recipe.train.keep_checkpoints)  # drop the torn folder, keep the rest
                 raise UserError(guard.disk_full_message(err, path, guard.latest_checkpoint(checkpoints))) from None
 
-    def fit(self, trainer, block: Callable[[dict], dict]) -> tuple[dict, dict]:
-        """Evaluate (or recall the step-0 evaluation), train or resume, evaluate; (before, after) as `block`s."""
+    def fit(self, trainer, block: Callable[[dict], dict] | None) -> tuple[dict | None, dict | None]:
+        """Evaluate (or recall the step-0 evaluation), train or resume, evaluate; (before, after) as `block`s.
+        `block` None: no held-out evaluation at all (a smoke test), (None, None). A resumed run started without
+        one has no step-0 figures: `before` is None then."""
         eval_timer = time_evaluations(trainer)
         if self.train_start is None:
             self.start_clock()
         self.guard.install_signals()
+        before = None
         try:
-            if self.checkpoint is None:
+            if block is not None and self.checkpoint is None:
                 print("[twin-dpo] held-out evaluation of the untouched twin", flush=True)
                 before = block(trainer.evaluate())
                 distributed.rewrap_after_evaluation(trainer)
-            else:  # measured when the run started
+            elif block is not None:  # measured when the run started
                 rows = run_folder.read_metrics(self.path)
-                before = block(next(r for r in rows if "eval_loss" in r and r.get("step") == 0))
+                first = [r for r in rows if "eval_loss" in r and r.get("step") == 0]
+                before = block(first[0]) if first else None
             trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
             if self.guard.diverged:
                 self._diverged(self.guard.diverged)
@@ -126,7 +130,7 @@ class Run:
             # the periodic evaluation may have just run at the final step: reuse it rather than pay twice
             step = trainer.state.global_step
             at_end = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == step]
-            after = block(at_end[-1] if at_end else trainer.evaluate())
+            after = block(at_end[-1] if at_end else trainer.evaluate()) if block is not None else None
         finally:
             self.guard.restore_signals()
         self.timings["eval_seconds"] = eval_timer()
