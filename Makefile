@@ -119,7 +119,7 @@ gpu-smoke: setup ## on a CUDA GPU: dpo-lora and dpo-qlora, unsloth vs hf backend
 export: setup-gguf ## export the newest run (or RUN=runs/...): adapter, merged, GGUF, Modelfile, with proofs
 	$(PY) -m pipeline export $(RUN) $(SETS)
 
-test: setup ## lint + the fast test suite on tiny models (~5 min; GGUF proofs run once `make setup-gguf` is done)
+test: setup ## lint + the fast test suite on tiny models (~8 min here; the GGUF proofs, once `make setup-gguf` is done, add ~17)
 	$(BIN)/ruff check --quiet pipeline recipes tests benchmarks
 	$(PY) -m pytest -q
 

@@ -251,3 +251,37 @@ def tiny_dpo_trainer(recipe, out_dir: Path):
         processing_class=loaded.tokenizer,
         peft_config=loaded.peft_config,
     )
+
+
+def spy_answer_models(monkeypatch) -> dict[str, dict]:
+    """Record, for each `evaluate.generate` call (by its label), the logits of the model it was given on a fixed
+    input and whether that model still has LoRA layers; the answers are then generated as usual."""
+    import torch
+
+    from pipeline.evaluation import evaluate
+
+    seen: dict[str, dict] = {}
+    real = evaluate.generate
+
+    def spy(model, tokenizer, questions, system_prompt, max_new_tokens, label="answers"):
+        with torch.no_grad():
+            logits = model(input_ids=torch.arange(3, 19)[None]).logits[0].float().clone()
+        lora = any("lora_" in name for name, _ in model.named_parameters())
+        seen[label] = {"logits": logits, "lora": lora}
+        return real(model, tokenizer, questions, system_prompt, max_new_tokens, label)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    return seen
+
+
+def adapter_logits(model_dir: Path, adapter_dir: Path | None):
+    """The logits of base (+ adapter) on spy_answer_models' fixed input, loaded from scratch in fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.arange(3, 19)[None]).logits[0].float()

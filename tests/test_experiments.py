@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 
-from conftest import cli_sets, tiny_recipe
+import torch
+
+from conftest import adapter_logits, cli_sets, spy_answer_models, tiny_recipe
 from pipeline import cli
 from pipeline.evaluation import evaluate, style
 from pipeline.training import dpo as train
 
 
-def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path):
+def test_evaluate_writes_every_field(tiny_llama, small_data, tmp_path, monkeypatch):
     _, run_dir = train.train(tiny_recipe(tiny_llama, small_data), tmp_path / "run", max_steps=2)
+    seen = spy_answer_models(monkeypatch)
     report = evaluate.evaluate(run_dir)
+    # the untouched twin answers with the adapter off; the trained twin on the adapter merged into the weights
+    assert seen["untouched twin"]["lora"] and not seen["trained twin"]["lora"]
+    torch.testing.assert_close(seen["untouched twin"]["logits"], adapter_logits(tiny_llama, None))
+    torch.testing.assert_close(seen["trained twin"]["logits"], adapter_logits(tiny_llama, run_dir / "adapter"))
+    assert report["trained_answers_seconds"] <= report["seconds"]
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert set(saved["held_out"]["before"]) == {"reward_accuracy", "reward_margin", "loss"}

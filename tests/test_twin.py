@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_sets, save_tiny, tiny_recipe
+from conftest import adapter_logits, cli_sets, save_tiny, spy_answer_models, tiny_recipe
 from pipeline import cli
+from pipeline.evaluation import evaluate
 from pipeline.training import dpo as train
 from pipeline.training import sft
 
@@ -99,11 +100,17 @@ def test_dpo_on_the_twin_adapter_keeps_its_reference_copy(tiny_llama, small_data
     assert recipe_json["model"]["adapter"] == str((sft_dir / "adapter").resolve())
 
 
-def test_twin_export_merges_base_and_policy_only(tiny_llama, small_data, sft_run, tmp_path):
+def test_twin_export_merges_base_and_policy_only(tiny_llama, small_data, sft_run, tmp_path, monkeypatch):
     _, sft_dir = sft_run
     recipe = tiny_recipe(tiny_llama, small_data)
     recipe = replace(recipe, name="dpo-lora-twin", model=replace(recipe.model, adapter=str(sft_dir)))
     _, run_dir = train.train(recipe, tmp_path / "run", max_steps=2)
+    # the answers: the untouched twin is base + the SFT adapter; the trained one base + the policy adapter, merged
+    seen = spy_answer_models(monkeypatch)
+    evaluate.evaluate(run_dir)
+    assert seen["untouched twin"]["lora"] and not seen["trained twin"]["lora"]
+    torch.testing.assert_close(seen["untouched twin"]["logits"], adapter_logits(tiny_llama, sft_dir / "adapter"))
+    torch.testing.assert_close(seen["trained twin"]["logits"], adapter_logits(tiny_llama, run_dir / "adapter"))
     assert cli.main(["export", str(run_dir), "--set", "export.formats=adapter,merged"]) == 0
     report = json.loads((run_dir / "export" / "export.json").read_text())
     merge = report["proofs"]["merge (fp32) vs adapter model"]

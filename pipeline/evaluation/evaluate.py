@@ -6,7 +6,8 @@
 - Greedy answers (fixed seed, fixed max tokens, fp32) of both to the fixed
   questions in data/questions.py, and the style metrics of those answers
   (evaluation/style.py). The untouched twin's answers are cached on disk: every
-  run on the same twin shares them.
+  run on the same twin shares them. The trained answers run on a merged copy (the
+  adapter folded into the weights), one left-padded batch with the KV cache.
 Writes RUN/eval.json and RUN/samples.md.
 """
 
@@ -100,38 +101,48 @@ def _fingerprint(path: str, recipe) -> str:
     return h.hexdigest()
 
 
-def _models(recipe, run_dir: Path, artifact: str, path: str):
-    """(trained policy, untouched twin) as callables that yield a model: they may share one set of weights."""
+def _twin_and_policy(recipe, run_dir: Path, artifact: str, path: str):
+    """(untouched twin, trained policy for generation) as two callables, to be called in that order.
+
+    The twin's answers come first, from the unmerged weights (an adapter switched off, or the twin adapter
+    switched on); the policy's adapter is then merged into the same weights in place, so the trained answers
+    run through plain linear layers (no LoRA side path per token) without a second copy of the base. A 4-bit
+    base stays unmerged."""
     fp32 = recipes.apply_overrides(recipe, ["model.dtype=float32"])
     backend = Backend("hf", "evaluate", "cpu" if not cuda_available() else "cuda")
-    if artifact == "adapter":
-        policy = PeftModel.from_pretrained(hf.load_base(fp32, path, backend), run_dir / "adapter").eval()
-        if recipe.model.adapter:  # the untouched twin is the base with its SFT adapter
-            policy.load_adapter(recipe.model.adapter, adapter_name="twin")
-
-            @contextlib.contextmanager
-            def twin():
-                policy.set_adapter("twin")
-                try:
-                    yield policy
-                finally:
-                    policy.set_adapter("default")
-
-            return contextlib.nullcontext(policy), twin
+    if artifact != "adapter":
+        policy = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
 
         @contextlib.contextmanager
-        def adapter_off():  # the untouched twin is the same base with the adapter switched off
-            with policy.disable_adapter():
-                yield policy
+        def base_twin():
+            yield hf.load_base(fp32, path, backend).eval()
 
-        return contextlib.nullcontext(policy), adapter_off
-    policy = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
+        return base_twin, lambda: policy
+    peft_model = PeftModel.from_pretrained(hf.load_base(fp32, path, backend), run_dir / "adapter").eval()
+    twin_adapter = bool(recipe.model.adapter)
+    if twin_adapter:  # the untouched twin is the base with its SFT adapter
+        peft_model.load_adapter(recipe.model.adapter, adapter_name="twin")
 
     @contextlib.contextmanager
     def twin():
-        yield hf.load_base(fp32, path, backend).eval()
+        if not twin_adapter:  # the untouched twin is the same base with the adapter switched off
+            with peft_model.disable_adapter():
+                yield peft_model
+            return
+        peft_model.set_adapter("twin")
+        try:
+            yield peft_model
+        finally:
+            peft_model.set_adapter("default")
 
-    return contextlib.nullcontext(policy), twin
+    def merged():
+        if recipe.model.load_in_4bit:  # merging re-quantizes the base: its rounding would drown a small update
+            return peft_model
+        if twin_adapter:
+            peft_model.delete_adapter("twin")
+        return peft_model.merge_and_unload().eval()
+
+    return twin, merged
 
 
 def evaluate(run_dir: Path | None) -> dict[str, Any]:
@@ -146,17 +157,18 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
     path = paths.resolve_model_path(recipe.model.name_or_path, recipe.model.allow_pickle_weights)
     tokenizer = hf.load_tokenizer(recipe, path)
     system = recipe.data.system_prompt
-    policy_ctx, twin_ctx = _models(recipe, run_dir, summary.get("artifact", "adapter"), path)
-    with policy_ctx as policy:
-        after = generate(policy, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS, "trained twin")
-        cache = cache_root() / "generations" / f"{_fingerprint(path, recipe)}.json"
-        if cache.is_file():
-            before = json.loads(cache.read_text())["answers"]
-        else:
-            with twin_ctx() as twin:
-                before = generate(twin, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS, "untouched twin")
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cache, {"questions": FIXED_QUESTIONS, "answers": before})
+    twin_ctx, policy_for_generation = _twin_and_policy(recipe, run_dir, summary.get("artifact", "adapter"), path)
+    cache = cache_root() / "generations" / f"{_fingerprint(path, recipe)}.json"
+    if cache.is_file():
+        before = json.loads(cache.read_text())["answers"]
+    else:
+        with twin_ctx() as twin:
+            before = generate(twin, tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS, "untouched twin")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache, {"questions": FIXED_QUESTIONS, "answers": before})
+    answers_start = time.perf_counter()
+    after = generate(policy_for_generation(), tokenizer, FIXED_QUESTIONS, system, MAX_NEW_TOKENS, "trained twin")
+    answers_seconds = time.perf_counter() - answers_start
     _, held = load_splits(recipe.data)  # the held-out answers themselves are the yardsticks of the two voices
     report = {
         "run": str(run_dir),
@@ -177,6 +189,7 @@ def evaluate(run_dir: Path | None) -> dict[str, Any]:
         "max_new_tokens": MAX_NEW_TOKENS,
         "decoding": "greedy, fp32, seed 0",
         "seconds": round(time.perf_counter() - start, 1),
+        "trained_answers_seconds": round(answers_seconds, 1),
     }
     report["voice"] = style.judge_styles(report["style"])
     write_json_atomic(run_dir / "eval.json", report)
@@ -210,6 +223,11 @@ def samples_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _timing(report: dict[str, Any]) -> str:
+    trained = report["trained_answers_seconds"]
+    return f"evaluation took {report['seconds']:.0f} s, of which the trained answers {trained:.0f} s"
+
+
 def describe(report: dict[str, Any]) -> str:
     """The style lines a run prints at its end: each metric against the author's yardstick, then the verdict."""
     voice = report.get("voice") or style.judge_styles(report["style"])
@@ -217,4 +235,5 @@ def describe(report: dict[str, Any]) -> str:
         ["style of the greedy answers, untouched -> trained (distance to the author's held-out answers):"]
         + style.distance_lines(voice)
         + [style.verdict_line(voice)]
+        + ([_timing(report)] if "trained_answers_seconds" in report else [])
     )
