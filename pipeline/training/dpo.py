@@ -80,6 +80,7 @@ def train(
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
         reference_info = attach_reference(trainer, recipe, loaded)
+        run.timings["reference_eval_seconds"] = reference_info["reference_eval_seconds"]  # evaluation, not training
         if recipe.train.report_to != "none":  # the tracker shows where the reference came from, beside the curves
             trainer.log(_reference_status(reference_info))
         try:
@@ -157,6 +158,7 @@ def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
             "reference_pairs_computed": 0,
             "reference_train_pairs_cached": 0,
             "reference_seconds": 0.0,
+            "reference_eval_seconds": 0.0,
         }
     info = reference.attach(trainer, reference.default_cache_dir())
     if trainer.ref_model is not None:  # full DPO: its log-probs are stored, the copy can go
@@ -170,10 +172,9 @@ def attach_reference(trainer, recipe: Recipe, loaded) -> dict[str, Any]:
         if info["reference_reused"]
         else f"computed for {info['reference_pairs_computed']} pairs the run reads{later}, cached in"
     )
-    print(
-        f"[twin-dpo] reference log-probs {how} {info['reference_cache']} ({info['reference_seconds']:.0f} s)",
-        flush=True,
-    )
+    held = info["reference_eval_seconds"]
+    seconds = f"{info['reference_seconds']:.0f} s" + (f", of which {held:.0f} s for the held-out pairs" if held else "")
+    print(f"[twin-dpo] reference log-probs {how} {info['reference_cache']} ({seconds})", flush=True)
     return info
 
 

@@ -146,8 +146,11 @@ def needed_train_rows(trainer, n_rows: int) -> int:
     return min(n_rows, trainer.args.max_steps * per_step)
 
 
-def _compute(trainer, dataset, todo: list[list[int]], progress_desc: str) -> dict[int, tuple[float, float]]:
+def _compute(
+    trainer, dataset, todo: list[list[int]], progress_desc: str, counted: bool
+) -> dict[int, tuple[float, float]]:
     """Reference log-probs of the rows in the batches `todo` of a TRL-tokenized dataset: {row: (chosen, rejected)}.
+    `counted`: count the forwards as the run's reference work (training/work.py); the held-out pairs' are not.
 
     The held-out set's batches are exactly the evaluation's batches, computed in the evaluation's precision
     (training/exact_eval.py: fp32 where training runs under CPU autocast), so an untouched policy scores rewards
@@ -168,7 +171,7 @@ def _compute(trainer, dataset, todo: list[list[int]], progress_desc: str) -> dic
             rows = dataset.select(idx)
             examples = [{c: rows[c][k] for c in columns} for k in range(len(idx))]
             batch_in = trl_compat.prepare_inputs(trainer, trainer.data_collator(examples))
-            with work.reference_pass():
+            with work.reference_pass() if counted else contextlib.nullcontext():
                 c, r = trainer.compute_ref_log_probs(model, batch_in)
             done.append((idx, c.float().cpu().tolist(), r.float().cpu().tolist()))
     finally:
@@ -198,6 +201,7 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
     cached = distributed.broadcast(load_file(str(path)) if distributed.is_main() and path and path.is_file() else None)
     tensors = dict(cached or {})
     computed: dict[str, int] = {}
+    eval_seconds = 0.0  # the held-out pairs' share: evaluation work, counted as such in the run's timings
     for name in names:
         ds = datasets[name]
         n = len(ds)
@@ -214,8 +218,11 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
         todo = [b for b in batches(ds, sort, fixed) if any(i < want and not done[i] for i in b)]
         if todo:
             exact = exact_eval.full_precision(trainer) if name == "eval" else contextlib.nullcontext()
+            split_start = time.perf_counter()
             with exact:
-                values = _compute(trainer, ds, todo, f"reference log-probs ({name})")
+                values = _compute(trainer, ds, todo, f"reference log-probs ({name})", counted=name == "train")
+            if name == "eval":
+                eval_seconds = time.perf_counter() - split_start
             for i, (c, r) in values.items():
                 tensors[f"{name}.chosen"][i], tensors[f"{name}.rejected"][i] = c, r
                 done[i] = True
@@ -248,6 +255,7 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
         "reference_pairs_computed": sum(computed.values()),
         "reference_train_pairs_cached": train_done,  # of len(train): a short run leaves the rest for later runs
         "reference_seconds": round(time.perf_counter() - start, 2),
+        "reference_eval_seconds": round(eval_seconds, 2),
     }
 
 

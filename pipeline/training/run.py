@@ -65,7 +65,8 @@ class Run:
 
     def start_clock(self) -> None:
         """Start the training clock: train time includes building the trainer and the one-off reference pass
-        (as the README's and the bench's figures do), not model loading or held-out evaluation."""
+        over the train pairs (as the README's and the bench's figures do), not model loading or held-out
+        evaluation (the trainer's, and the reference pass over the held-out pairs)."""
         self.train_start = time.perf_counter()
 
     @property
@@ -133,7 +134,8 @@ class Run:
             after = block(at_end[-1] if at_end else trainer.evaluate()) if block is not None else None
         finally:
             self.guard.restore_signals()
-        self.timings["eval_seconds"] = eval_timer()
+        # held-out evaluation: the trainer's evaluations and the reference pass's held-out share (dpo.py sets it)
+        self.timings["eval_seconds"] = eval_timer() + self.timings.get("reference_eval_seconds", 0.0)
         self.timings["train_seconds"] = time.perf_counter() - self.train_start - self.timings["eval_seconds"]
         return before, after
 
