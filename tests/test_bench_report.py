@@ -75,3 +75,16 @@ def test_targets_say_met_or_not_met():
     assert any("lowest 1.80x (1024 tokens, batch 4), NOT met" in line for line in lines)
     assert any("highest ours / TRL 1.25 (1024 tokens, batch 4), NOT met" in line for line in lines)
     assert "## Targets" in report["md"] and "100%" in report["md"]
+
+
+def test_the_training_loop_rate_leaves_out_only_the_train_share_of_a_reference_pass():
+    # a cold 4-step run: 30 s of reference pass, 20 s of it for the held-out pairs (counted as evaluation, not in
+    # train_seconds), so train_seconds 18 = 10 s of train-pair reference + an 8 s loop for 8 pairs
+    cold = _summary(8 / 18, (1, 1), (1, 1), seconds=18.0)
+    cold.update(reference_reused=False, reference_seconds=30.0, reference_eval_seconds=20.0)
+    assert bench_report.train_reference_seconds(cold) == 10.0
+    assert bench_report._loop_pairs_per_second(cold) == pytest.approx(1.0)
+    old = dict(cold, train_seconds=38.0, pairs_per_second=8 / 38)  # before the split: the whole pass in train time
+    del old["reference_eval_seconds"]
+    assert bench_report._loop_pairs_per_second(old) == pytest.approx(1.0)
+    assert bench_report.train_reference_seconds(dict(cold, reference_reused=True)) == 0.0

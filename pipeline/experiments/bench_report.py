@@ -42,10 +42,17 @@ def mfu(summary: dict, shape: dict[str, int], peak: float) -> float:
     return float("nan") if flops is None else flops / summary["train_seconds"] / peak
 
 
+def train_reference_seconds(summary: dict) -> float:
+    """The part of a run's one-off reference pass that its train time holds: the train pairs' share (the held-out
+    pairs' share, `reference_eval_seconds`, is in its evaluation time; summaries from before the split lack it)."""
+    if summary.get("reference_reused"):
+        return 0.0
+    return (summary.get("reference_seconds") or 0.0) - (summary.get("reference_eval_seconds") or 0.0)
+
+
 def _loop_pairs_per_second(summary: dict) -> float:
     """pairs/s of the training loop alone: without a reference pass the run had to compute before it."""
-    ref = 0.0 if summary.get("reference_reused") else summary.get("reference_seconds") or 0.0
-    return summary["pairs_trained"] / (summary["train_seconds"] - ref)
+    return summary["pairs_trained"] / (summary["train_seconds"] - train_reference_seconds(summary))
 
 
 def _met(ok: bool) -> str:
