@@ -119,27 +119,25 @@ def _twin_and_policy(recipe, run_dir: Path, artifact: str, path: str):
 
         return base_twin, lambda: policy
     peft_model = PeftModel.from_pretrained(hf.load_base(fp32, path, backend), run_dir / "adapter").eval()
-    twin_adapter = bool(recipe.model.adapter)
-    if twin_adapter:  # the untouched twin is the base with its SFT adapter
-        peft_model.load_adapter(recipe.model.adapter, adapter_name="twin")
 
     @contextlib.contextmanager
     def twin():
-        if not twin_adapter:  # the untouched twin is the same base with the adapter switched off
+        if not recipe.model.adapter:  # the untouched twin is the same base with the adapter switched off
             with peft_model.disable_adapter():
                 yield peft_model
             return
+        # the untouched twin is the base with its SFT adapter: loaded only here (its answers may be cached)
+        peft_model.load_adapter(recipe.model.adapter, adapter_name="twin")
         peft_model.set_adapter("twin")
         try:
             yield peft_model
         finally:
             peft_model.set_adapter("default")
+            peft_model.delete_adapter("twin")
 
     def merged():
         if recipe.model.load_in_4bit:  # merging re-quantizes the base: its rounding would drown a small update
             return peft_model
-        if twin_adapter:
-            peft_model.delete_adapter("twin")
         return peft_model.merge_and_unload().eval()
 
     return twin, merged
