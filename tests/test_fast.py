@@ -22,9 +22,10 @@ def _batch(trainer, n=4):
     return trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in range(n)]))
 
 
-@pytest.mark.parametrize("chunk", [7, 256])
-def test_completion_only_head_gives_trls_loss_and_gradients(tiny_llama, small_data, tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(fast, "CHUNK", chunk)  # 7: many slices, each recomputed in the backward pass
+@pytest.mark.parametrize(("chunk", "keep"), [(7, 0), (7, 1 << 30), (256, 1 << 30)])
+def test_completion_only_head_gives_trls_loss_and_gradients(tiny_llama, small_data, tmp_path, monkeypatch, chunk, keep):
+    monkeypatch.setattr(fast, "CHUNK", chunk)  # 7: many slices
+    monkeypatch.setattr(fast, "KEEP_BYTES", keep)  # 0: each slice recomputed in the backward pass; else kept
     trainer = _trainer(tiny_llama, small_data, tmp_path, precompute_ref=False)
     model = trainer.model
     with torch.no_grad():  # non-zero B so every LoRA weight gets a gradient
@@ -49,6 +50,39 @@ def test_completion_only_head_gives_trls_loss_and_gradients(tiny_llama, small_da
         torch.testing.assert_close(grads_ours[name], grads_trl[name], atol=1e-5, rtol=1e-4, msg=name)
     for key in ("logps/chosen", "logps/rejected", "rewards/margins", "entropy", "logits/chosen", "mean_token_accuracy"):
         assert metrics_ours[key] == pytest.approx(metrics_trl[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("keep", [0, 1 << 30])
+def test_completion_log_probs_and_statistics_equal_a_full_log_softmax(monkeypatch, keep):
+    """Every output and every gradient (hidden, weight, bias) of the sliced head against torch's log_softmax,
+    for the kept and the recomputed softmax. The reference is float64; the head works in float32 after the matmul
+    (its logits, log-normaliser and statistics), hence 1e-6 absolute and 1e-5 relative."""
+    monkeypatch.setattr(fast, "CHUNK", 5)
+    monkeypatch.setattr(fast, "KEEP_BYTES", keep)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (13,), generator=gen)
+    upstream = torch.randn(13, dtype=torch.float64, generator=gen)
+    names = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+    log_probs, entropy, sum_sq, mean, top1 = fast.completion_log_probs(hidden, weight, bias, targets, names)
+    ours = torch.autograd.grad((log_probs * upstream).sum(), (hidden, weight, bias))
+    logits = hidden @ weight.T + bias
+    log_p = logits.log_softmax(-1)
+    expected = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    theirs = torch.autograd.grad((expected * upstream).sum(), (hidden, weight, bias))
+    for got, want in [
+        (log_probs, expected),
+        (entropy, -(log_p.exp() * log_p).sum(-1)),
+        (sum_sq, (2 * log_p).exp().sum(-1).log()),
+        (mean, logits.mean(-1)),
+    ]:
+        torch.testing.assert_close(got.double(), want.detach(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(top1, logits.argmax(-1) == targets)
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_cached_reference_equals_a_fresh_computation(tiny_llama, small_data, tmp_path):

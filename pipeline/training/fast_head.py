@@ -6,9 +6,11 @@ have a label; elsewhere (this CPU) it scores every position - prompt and
 padding included - through the whole 49k-word vocabulary, and folds four
 logging statistics into that pass. `install_completion_head` replaces that
 forward with one that projects only the completion positions (the only ones
-the DPO loss reads), a slice of positions at a time (memory: one slice of
-logits, recomputed in the backward pass), and computes the logging statistics
-from the same logits without gradient. Same outputs, same gradients
+the DPO loss reads), a slice of positions at a time, and computes the logging
+statistics from the same logits without gradient, in one max and one exp pass
+per slice. The softmax is kept for the backward pass up to KEEP_BYTES (the
+backward is then one matmul per slice); past that only the log-normaliser is
+kept and each slice's logits are recomputed (memory: one slice). Same outputs, same gradients
 (tests/test_fast.py checks both against TRL's head); a fraction of the work on CPU.
 """
 
@@ -37,54 +39,70 @@ def decline_reason(model) -> str | None:
 
 
 CHUNK = 256  # completion positions per slice of the LM head: [256 x 49k] fp32 logits is 50 MB
+KEEP_BYTES = 128 << 20  # softmax kept for the backward pass up to this size; above it, recomputed slice by slice
 
 
 def _mm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
+def _slice_stats(logits, targets, out, rows):
+    """Fill out[...][rows] for one slice of fp32 logits; returns the slice's softmax (logits is overwritten).
+
+    One max pass (which also gives the top-1), one exp, and dot products instead of temporaries:
+    with s = sum(exp(l - m)), log Z = m + log s, entropy = log s - sum(e * (l - m)) / s.
+    """
+    if "mean_logits" in out:
+        out["mean_logits"][rows] = logits.mean(-1)
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    top, index = logits.max(-1)
+    if "is_top1" in out:
+        out["is_top1"][rows] = index == targets
+    shifted = logits.sub_(top.unsqueeze(-1))
+    e = shifted.exp()
+    s = e.sum(-1)
+    log_s = s.log()
+    out["log_z"][rows] = top + log_s
+    out["log_probs"][rows] = target_logit - top - log_s
+    if "entropy" in out:
+        out["entropy"][rows] = log_s - torch.linalg.vecdot(e, shifted) / s
+    if "log_sum_sq_probs" in out:
+        out["log_sum_sq_probs"][rows] = torch.linalg.vecdot(e, e).log() - 2 * log_s
+    return e.div_(s.unsqueeze(-1))
+
+
 class _ChunkedLogProb(torch.autograd.Function):
     """log p(target) for each row of `hidden @ weight.T + bias`, a slice of rows at a time.
 
-    Forward keeps only the per-row log-normaliser; backward recomputes each slice's logits, so memory stays at
-    one [CHUNK x vocab] slice instead of [rows x vocab] saved for autograd. The logging statistics (entropy,
-    mean logit, top-1) come from the same slices, without gradient.
+    The forward pass keeps each slice's softmax for the backward pass while they fit in KEEP_BYTES (the
+    backward is then one matmul per slice); beyond that it keeps only the per-row log-normaliser and the
+    backward recomputes each slice's logits, so memory stays at one [CHUNK x vocab] slice. The logging
+    statistics (entropy, mean logit, top-1) come from the same slices, without gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, want: tuple[str, ...]):
+    def forward(ctx, hidden, weight, bias, targets, want: tuple[str, ...], backward: bool):
         dtype = _mm_dtype(hidden.device.type, hidden.dtype)
         n = hidden.shape[0]
-        log_z = hidden.new_empty(n, dtype=torch.float32)
-        log_probs = hidden.new_empty(n, dtype=torch.float32)
-        stats = {
-            name: hidden.new_empty(n, dtype=torch.float32)
-            for name in ("entropy", "log_sum_sq_probs", "mean_logits")
-            if name in want
-        }
-        top1 = hidden.new_empty(n, dtype=torch.bool) if "is_top1" in want else None
+        names = ("log_z", "log_probs") + tuple(k for k in ("entropy", "log_sum_sq_probs", "mean_logits") if k in want)
+        out = {name: hidden.new_empty(n, dtype=torch.float32) for name in names}
+        if "is_top1" in want:
+            out["is_top1"] = hidden.new_empty(n, dtype=torch.bool)
+        keep = backward and n * weight.shape[0] * 4 <= KEEP_BYTES
         w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        kept = []
         for start in range(0, n, CHUNK):
             rows = slice(start, start + CHUNK)
-            logits = F.linear(hidden[rows].to(dtype), w, None if bias is None else bias.to(dtype)).float()
-            lz = torch.logsumexp(logits, dim=-1)
-            log_z[rows] = lz
-            log_probs[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lz
-            if "entropy" in stats or "log_sum_sq_probs" in stats:
-                log_p = logits - lz.unsqueeze(-1)
-                p = log_p.exp()
-                if "entropy" in stats:
-                    stats["entropy"][rows] = -(p * log_p).sum(-1)
-                if "log_sum_sq_probs" in stats:
-                    stats["log_sum_sq_probs"][rows] = torch.log((p * p).sum(-1))
-            if "mean_logits" in stats:
-                stats["mean_logits"][rows] = logits.mean(-1)
-            if top1 is not None:
-                top1[rows] = logits.argmax(-1) == targets[rows]
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, log_z)
-        ctx.has_bias, ctx.dtype = bias is not None, dtype
-        ctx.mark_non_differentiable(*stats.values(), *([top1] if top1 is not None else []))
-        return log_probs, stats.get("entropy"), stats.get("log_sum_sq_probs"), stats.get("mean_logits"), top1
+            logits = F.linear(hidden[rows].to(dtype), w, b).float()
+            probs = _slice_stats(logits, targets[rows], out, rows)
+            if keep:
+                kept.append(probs)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, out["log_z"])
+        ctx.has_bias, ctx.dtype, ctx.kept = bias is not None, dtype, kept if keep else None
+        stats = [out.get(k) for k in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")]
+        ctx.mark_non_differentiable(*[s for s in stats if s is not None])
+        return (out["log_probs"], *stats)
 
     @staticmethod
     def backward(ctx, grad_log_probs, *_unused):  # no gradient flows into the statistics
@@ -92,6 +110,7 @@ class _ChunkedLogProb(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = ctx.dtype
         w = weight.to(dtype)
+        kept, ctx.kept = ctx.kept, None  # used up: a second backward through this graph recomputes
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = (
@@ -99,14 +118,18 @@ class _ChunkedLogProb(torch.autograd.Function):
             if (need_b and ctx.has_bias)
             else None
         )
-        for start in range(0, hidden.shape[0], CHUNK):
+        for i, start in enumerate(range(0, hidden.shape[0], CHUNK)):
             rows = slice(start, start + CHUNK)
             h = hidden[rows].to(dtype)
-            logits = F.linear(h, w, bias.to(dtype) if ctx.has_bias else None).float()
-            # d log p(t) / d logits = onehot(t) - softmax
-            d = -(logits - log_z[rows].unsqueeze(-1)).exp()
-            d.scatter_add_(-1, targets[rows].unsqueeze(-1), torch.ones_like(d[:, :1]))
-            d.mul_(grad_log_probs[rows].unsqueeze(-1))
+            if kept is not None:
+                probs = kept[i]
+            else:
+                logits = F.linear(h, w, bias.to(dtype) if ctx.has_bias else None).float()
+                probs = logits.sub_(log_z[rows].unsqueeze(-1)).exp_()
+            # d log p(t) / d logits = onehot(t) - softmax, times the incoming gradient
+            g = grad_log_probs[rows].unsqueeze(-1)
+            d = probs.mul_(-g)
+            d.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
             if grad_h is not None:
                 grad_h[rows] = (d.to(dtype) @ w).float()
             if grad_w is not None:
@@ -117,6 +140,7 @@ class _ChunkedLogProb(torch.autograd.Function):
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
+            None,
             None,
             None,
         )
@@ -130,7 +154,8 @@ def completion_log_probs(
     hidden: [n, H] (completion positions only); targets: [n]. Returns (log_probs, entropy, log_sum_sq_probs,
     mean_logits, is_top1); statistics not in `outputs` are None. Only log_probs carries a gradient.
     """
-    return _ChunkedLogProb.apply(hidden, weight, bias, targets, tuple(outputs))
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _ChunkedLogProb.apply(hidden, weight, bias, targets, tuple(outputs), backward)
 
 
 def install_completion_head(
