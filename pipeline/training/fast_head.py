@@ -46,8 +46,8 @@ def _mm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
-def _slice_stats(logits, targets, out, rows):
-    """Fill out[...][rows] for one slice of fp32 logits; returns the slice's softmax (logits is overwritten).
+def _slice_stats(logits, targets, out, rows, softmax: bool):
+    """Fill out[...][rows] for one slice of fp32 logits (overwritten); returns its softmax if `softmax`, else None.
 
     One max pass (which also gives the top-1), one exp, and dot products instead of temporaries:
     with s = sum(exp(l - m)), log Z = m + log s, entropy = log s - sum(e * (l - m)) / s.
@@ -68,7 +68,7 @@ def _slice_stats(logits, targets, out, rows):
         out["entropy"][rows] = log_s - torch.linalg.vecdot(e, shifted) / s
     if "log_sum_sq_probs" in out:
         out["log_sum_sq_probs"][rows] = torch.linalg.vecdot(e, e).log() - 2 * log_s
-    return e.div_(s.unsqueeze(-1))
+    return e.div_(s.unsqueeze(-1)) if softmax else None  # no full-vocabulary division where nothing keeps it
 
 
 class _ChunkedLogProb(torch.autograd.Function):
@@ -95,7 +95,7 @@ class _ChunkedLogProb(torch.autograd.Function):
         for start in range(0, n, CHUNK):
             rows = slice(start, start + CHUNK)
             logits = F.linear(hidden[rows].to(dtype), w, b).float()
-            probs = _slice_stats(logits, targets[rows], out, rows)
+            probs = _slice_stats(logits, targets[rows], out, rows, keep)
             if keep:
                 kept.append(probs)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, out["log_z"])
