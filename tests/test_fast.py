@@ -145,3 +145,27 @@ def test_grouped_batches_give_the_same_per_pair_log_probs_as_padded_ones(tiny_ll
     for i in range(len(rows)):
         # equal up to fp32 summation order: relative 1e-6 on sums of several hundred log-probs
         assert grouped[i] == pytest.approx(alone[i], rel=1e-6) and padded[i] == pytest.approx(alone[i], rel=1e-6)
+
+
+def test_one_pair_per_reference_forward_changes_the_key_not_the_numbers(tiny_llama, small_data, tmp_path, monkeypatch):
+    """The bench's reference-batching lever (TWIN_DPO_REFERENCE_PAIRS): other batches, so another cache entry,
+    and per pair the same log-probs up to float32 summation order."""
+    from pipeline.errors import UserError
+
+    grouped = _trainer(tiny_llama, small_data, tmp_path / "a")
+    info = reference.attach(grouped, tmp_path / "cache")
+    monkeypatch.setenv("TWIN_DPO_REFERENCE_PAIRS", "1")
+    alone = _trainer(tiny_llama, small_data, tmp_path / "b")
+    info_alone = reference.attach(alone, tmp_path / "cache")
+    assert not info_alone["reference_reused"]  # a different key: not read from the grouped run's entry
+    assert not info["reference_reused"] and reference.train_batching(alone) == (1, False)
+    assert reference.train_batching(grouped) == (1, False)  # read now, under the variable
+    monkeypatch.delenv("TWIN_DPO_REFERENCE_PAIRS")
+    assert reference.train_batching(grouped) == (2, False)  # the steps' own 2-pair batches
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(
+            torch.tensor(alone.train_dataset[column]), torch.tensor(grouped.train_dataset[column]), rtol=1e-6, atol=0
+        )
+    monkeypatch.setenv("TWIN_DPO_REFERENCE_PAIRS", "two")
+    with pytest.raises(UserError, match="TWIN_DPO_REFERENCE_PAIRS='two'"):
+        reference.train_batching(alone)

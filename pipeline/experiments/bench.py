@@ -38,6 +38,8 @@ ABLATIONS = (  # each lever switched off on its own
     ("gradient checkpointing on (TRL's default)", ["train.gradient_checkpointing=true"]),
     ("bf16 autocast off (fp32)", ["model.dtype=float32"]),
     ("glibc's default allocator thresholds", ["env:TWIN_DPO_MMAP_THRESHOLD_MB=0"]),
+    ("reference-pass batching off (one pair per forward)", ["env:TWIN_DPO_REFERENCE_PAIRS=1"]),
+    ("torch.compile ON (inductor per block, off by default; its compile time inside the run)", ["train.compile=true"]),
 )
 LENGTHS = (128, 256, 512, 1024)
 BATCHES = (1, 2, 4)
@@ -163,7 +165,11 @@ def bench(
         main["baseline"].append(run_baseline(work / f"baseline-{k}", steps, overrides, env))
         main["ours"].append(run_ours(work / f"ours-{k}", steps, overrides, env))
     print("[twin-dpo] bench ablation: all levers on", flush=True)
-    ablation = [("none (all levers on)", run_ours(work / "ablation-all-on", ablation_steps, overrides, env))]
+    cold = {**env, "TWIN_DPO_CACHE": str(work / "cache-ablation")}  # its own reference pass: the column's baseline
+    (work / "cache-ablation").mkdir()
+    if models.is_dir():
+        (work / "cache-ablation" / "models").symlink_to(models.resolve())
+    ablation = [("none (all levers on)", run_ours(work / "ablation-all-on", ablation_steps, overrides, cold))]
     for label, sets in ablations:
         print(f"[twin-dpo] bench ablation: {label}", flush=True)
         ablation.append((label, run_ours(work / f"ablation-{len(ablation)}", ablation_steps, overrides + sets, env)))

@@ -131,6 +131,9 @@ class TrainConfig:
     """Optimizer: `auto` (adamw_8bit on CUDA as in the Handbook, adamw_torch on CPU), or any transformers optim name."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass. Off: measured slower on CPU when memory allows."""
+    compile: bool = False
+    """torch.compile (inductor) each transformer block, compiled once and shared by all layers (training/compiled.py).
+    Off: on the 2-core CPU it does not win back its compile time in a default run (README, the bench's lever table)."""
     group_by_length: bool = True
     """Batch pairs of similar length (random groups of 50 batches, sorted inside) so less compute goes to padding.
     The order is drawn once from the seed and repeated in every epoch."""

@@ -16,7 +16,7 @@ from pipeline.model import adapters
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
 from pipeline.storage import human_bytes
-from pipeline.training import arguments, distributed, exact_eval, fast_head, reference, twin, work
+from pipeline.training import arguments, compiled, distributed, exact_eval, fast_head, reference, twin, work
 from pipeline.training.callbacks import run_log
 from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
@@ -41,6 +41,17 @@ def _install_head(trainer, recipe) -> str:
         )
         return f"TRL's fused head ({reason})"
     return "TRL's fused head"
+
+
+def _install_compile(trainer, recipe, backend: str) -> str:
+    """train.compile on the hf backend (Unsloth brings its own compiled kernels)."""
+    if not recipe.train.compile:
+        return "off"
+    if backend == "unsloth":
+        return "off (Unsloth's own kernels)"
+    what = compiled.install(trainer.accelerator.unwrap_model(trainer.model))
+    print(f"[twin-dpo] torch.compile: {what}; the first steps include the compile time", flush=True)
+    return what
 
 
 def train(
@@ -77,6 +88,7 @@ def train(
         run.start_clock()
         trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [], held_out)
         head = _install_head(trainer, recipe)
+        kernels = _install_compile(trainer, recipe, prep.backend.name)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
         reference_info = attach_reference(trainer, recipe, loaded)
@@ -104,6 +116,7 @@ def train(
             reference=reference_kind(recipe),
             **reference_info,
             lm_head=head,
+            compiled=kernels,
             held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),
             mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1),
             eval_pairs=len(prep.eval_rows) if held_out else 0,

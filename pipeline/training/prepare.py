@@ -17,7 +17,7 @@ from pipeline.errors import UserError
 from pipeline.model import adapters, hf, paths, runtime, unsloth
 from pipeline.model.backend import Backend, precision, resolve_backend
 from pipeline.recipe import Recipe
-from pipeline.training import distributed, twin
+from pipeline.training import compiled, distributed, twin
 from pipeline.training.run import Run
 
 
@@ -72,6 +72,7 @@ def prepare(recipe: Recipe) -> Prepared:
     problems = distributed.check(recipe, backend.name)
     if problems:
         raise UserError(problems)
+    compiled.check(recipe, backend.device)
     train_pairs, eval_pairs = data_mod.load_splits(recipe.data, announce=True)
     if recipe.model.name_or_path.startswith(twin.PREFIX):
         # build the twin once (or find it), and pin the folder it means now, so recipe.json names the same weights

@@ -31,10 +31,12 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.storage import cache_root, hasher
 from pipeline.training import distributed, exact_eval, trl_compat, work
 
 BATCH = 8  # pairs per held-out evaluation batch (and per batch of its reference pass, which must match it)
+COMPILED = "_twin_dpo_compiled"  # set by training/compiled.py on the model whose blocks it compiled
 TOKENS = 2048  # tokens (prompt + both answers) per reference forward when the train order is random
 
 
@@ -58,18 +60,20 @@ def reference_tensors(trainer) -> list[tuple[str, torch.Tensor]]:
 
 
 def _head(trainer) -> str:
-    """Which LM-head implementation computes the log-probs (they differ in float rounding)."""
+    """Which LM-head implementation computes the log-probs, and whether inductor compiled the blocks (each differs
+    in float rounding)."""
     from accelerate.utils import is_peft_model
 
     model = trainer.ref_model if trainer.ref_model is not None else trainer.model
     model = trainer.accelerator.unwrap_model(model)
     model = model.get_base_model() if is_peft_model(model) else model
-    return getattr(model, "_twin_dpo_head", "trl")
+    return getattr(model, "_twin_dpo_head", "trl") + (";compiled" if getattr(model, COMPILED, False) else "")
 
 
 def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     eval_batch = trainer.args.per_device_eval_batch_size
-    batching = rows_per_step(trainer) or f"tokens:{TOKENS}"
+    fixed, _ = train_batching(trainer)
+    batching = fixed or f"tokens:{TOKENS}"
     h = hasher()
     for name, tensor in reference_tensors(trainer):
         h.update(name.encode())
@@ -77,7 +81,7 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
         t = tensor.detach().cpu()
         if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
             t = t.float()
-        h.update(t.contiguous().numpy().tobytes())
+        h.update(memoryview(t.contiguous().numpy()).cast("B"))  # the same bytes, without tobytes()'s copy (113 MB)
     args = trainer.args
     # numerics: the same weights give other log-probs under another autocast dtype, device or torch build
     h.update(
@@ -135,6 +139,20 @@ def rows_per_step(trainer) -> int | None:
     if getattr(args, "train_sampling_strategy", "random") != "sequential":
         return None
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * distributed.world_size()
+
+
+def train_batching(trainer) -> tuple[int | None, bool]:
+    """How the train pairs are cut into reference forwards: (pairs per forward, or None for batches of up to TOKENS
+    tokens; whether to sort by length first). The training steps' own batches where the order is fixed, else
+    length-sorted token batches. TWIN_DPO_REFERENCE_PAIRS=N (the bench's lever table) forces N pairs per forward
+    in the training order."""
+    forced = os.environ.get("TWIN_DPO_REFERENCE_PAIRS", "")
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise UserError(f"TWIN_DPO_REFERENCE_PAIRS={forced!r}: give a whole number of pairs >= 1, or unset it")
+        return int(forced), False
+    fixed = rows_per_step(trainer)
+    return fixed, fixed is None
 
 
 def needed_train_rows(trainer, n_rows: int) -> int:
@@ -211,8 +229,7 @@ def attach(trainer, cache_dir: Path | None) -> dict[str, Any]:
         done = tensors.get(f"{name}.done", ~tensors[f"{name}.chosen"].isnan()).bool()
         want = needed_train_rows(trainer, n) if name == "train" else n
         if name == "train":  # the training steps' own batches (similar lengths, so little padding), else sorted
-            fixed = rows_per_step(trainer)
-            sort = fixed is None
+            fixed, sort = train_batching(trainer)
         else:
             fixed, sort = trainer.args.per_device_eval_batch_size, False
         todo = [b for b in batches(ds, sort, fixed) if any(i < want and not done[i] for i in b)]

@@ -62,7 +62,7 @@ def key(recipe, base_path: str) -> str:
     settings = recipes.to_dict(recipe)
     for watch_only in ("threads", "report_to"):  # how many cores run it and who watches, not what it makes
         settings["train"].pop(watch_only, None)
-    for dpo_only in ("padding_free", "prefix_sharing"):  # DPO's row layout; the twin's SFT never reads them
+    for dpo_only in ("padding_free", "prefix_sharing", "compile"):  # DPO's row layout and kernels; SFT reads neither
         settings["train"].pop(dpo_only, None)
     h.update(json.dumps(settings, sort_keys=True).encode())
     versions = runtime.versions()
