@@ -75,6 +75,8 @@ def test_targets_say_met_or_not_met():
     assert any("lowest 1.80x (1024 tokens, batch 4), NOT met" in line for line in lines)
     assert any("highest ours / TRL 1.25 (1024 tokens, batch 4), NOT met" in line for line in lines)
     assert "## Targets" in report["md"] and "100%" in report["md"]
+    # the scaling table shows the training-loop speed-up the target line reads (10 s steps on both sides)
+    assert "| 1024 | 4 | 10.00 | 10.00 | 10.00 | 1.80x |" in report["md"]
 
 
 def test_the_training_loop_rate_leaves_out_only_the_train_share_of_a_reference_pass():
