@@ -37,6 +37,13 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
         assert len(pairs) == 1 and all(p > 0 for p in pairs)
         assert report[side]["peak_memory_bytes"]["median"] > 100 * 2**20
         assert 0 < report[side]["mfu"]["median"] < 1
+    work = next((tmp_path / "bench").glob("twin-bench-*"))
+    baseline = json.loads((work / "baseline-0" / "summary.json").read_text())
+    if baseline["precision"] == "bf16 autocast":  # this CPU computes bf16: TRL's held-out figures are re-evaluated
+        assert baseline["held_out_precision"].startswith("float32 (re-evaluated")
+        assert set(baseline["eval_after_trl"]) == set(baseline["eval_after"])
+    else:
+        assert baseline["held_out_precision"] == "float32" and baseline["eval_after_trl"] == baseline["eval_after"]
     ratio = report["ours"]["pairs_per_second"]["median"] / report["baseline"]["pairs_per_second"]["median"]
     assert abs(ratio - report["ratio_pairs_per_second"]) < 1e-12
     # the ablation runs really ran with the lever off
