@@ -124,6 +124,15 @@ def synthetic_data(folder: Path, tokenizer, length: int, pairs: int) -> tuple[Pa
     return train, held
 
 
+def _empty_cache(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """`env` with TWIN_DPO_CACHE at a new empty `folder` (no reference log-probs), sharing the converted models."""
+    folder.mkdir()
+    models = cache_root() / "models"
+    if models.is_dir():
+        (folder / "models").symlink_to(models.resolve())
+    return {**env, "TWIN_DPO_CACHE": str(folder)}
+
+
 def bench(
     steps: int = 100,
     repeats: int = 3,
@@ -154,21 +163,14 @@ def bench(
     peak = matmul_peak(config.hidden_size, config.intermediate_size, 1024, prec.autocast or "fp32")
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="twin-bench-", dir=out))
-    env = {**os.environ, "TWIN_DPO_CACHE": str(work / "cache")}  # a cold reference cache, then warm
-    (work / "cache").mkdir()
-    models = cache_root() / "models"
-    if models.is_dir():
-        (work / "cache" / "models").symlink_to(models.resolve())
+    env = _empty_cache({**os.environ}, work / "cache")  # a cold reference cache, then warm
     main: dict[str, list[dict]] = {"baseline": [], "ours": []}
     for k in range(repeats):
         print(f"[twin-dpo] bench repetition {k + 1}/{repeats}: TRL baseline, then ours", flush=True)
         main["baseline"].append(run_baseline(work / f"baseline-{k}", steps, overrides, env))
         main["ours"].append(run_ours(work / f"ours-{k}", steps, overrides, env))
     print("[twin-dpo] bench ablation: all levers on", flush=True)
-    cold = {**env, "TWIN_DPO_CACHE": str(work / "cache-ablation")}  # its own reference pass: the column's baseline
-    (work / "cache-ablation").mkdir()
-    if models.is_dir():
-        (work / "cache-ablation" / "models").symlink_to(models.resolve())
+    cold = _empty_cache(env, work / "cache-ablation")  # its own reference pass: the column's baseline
     ablation = [("none (all levers on)", run_ours(work / "ablation-all-on", ablation_steps, overrides, cold))]
     for label, sets in ablations:
         print(f"[twin-dpo] bench ablation: {label}", flush=True)
