@@ -59,7 +59,10 @@ def test_packed_pairs_give_the_padded_log_probs_loss_and_gradients(family, small
         torch.testing.assert_close(seq, padded[0], atol=0, rtol=1e-6, msg=f"sequence log-probs, shared={layout}")
         mask = batch["completion_mask"][:, 1:].bool()
         torch.testing.assert_close(per_token[mask], padded[1][mask], atol=1e-5, rtol=0)
-        torch.testing.assert_close(loss, padded[2], atol=1e-6, rtol=1e-5)
+        # the loss reads differences of four sums near -600, each equal above to 1e-6 relative (6e-4 absolute):
+        # measured within 1e-6 on fp32-only EPYCs, 9.2e-6 for Qwen2 on an AVX512-BF16 EPYC (Dec 3, the same on the
+        # commits before: its float32 kernels round the packed and padded shapes differently)
+        torch.testing.assert_close(loss, padded[2], atol=3e-5, rtol=1e-5)
         assert grads.keys() == padded[3].keys() and grads
         for name, g in grads.items():
             ref = padded[3][name]
