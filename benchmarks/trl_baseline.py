@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -123,11 +122,8 @@ def main() -> None:
         r.get("eval_runtime", 0.0) for r in trainer.state.log_history[:-1] if "eval_loss" in r and r["step"] > 0
     )
     train_seconds = time.perf_counter() - train_start - eval_seconds
-    peak_memory = (
-        torch.cuda.max_memory_allocated()
-        if torch.cuda.is_available()
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )  # before the float32 re-evaluation below, which is measurement, not part of the baseline
+    # before the float32 re-evaluation below, which is measurement, not part of the baseline
+    peak_memory, _ = runtime.peak_memory("cuda" if torch.cuda.is_available() else "cpu")
     after_trl = after
     if exact_eval.install(trainer):
         # On a CPU under bf16 autocast TRL's held-out numbers are bf16 rounding noise at a small update (README,
