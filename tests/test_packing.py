@@ -15,6 +15,8 @@ import torch
 from conftest import tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head, packing
 
+_ROWS = packing._rows
+
 
 def _pairs_batch(trainer, n=4):
     ds = trainer.train_dataset
@@ -43,8 +45,15 @@ def _run(trainer, batch, layout):
     return torch.cat([c, r]), per_token, loss.detach(), grads
 
 
+@pytest.mark.parametrize("attention", ["masked", "rows"])
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
-def test_packed_pairs_give_the_padded_log_probs_loss_and_gradients(family, small_data, tmp_path, request):
+def test_packed_pairs_give_the_padded_log_probs_loss_and_gradients(
+    family, attention, small_data, tmp_path, request, monkeypatch
+):
+    """`attention`: SDPA under the packed block-diagonal mask, or per gathered row (packing.ROWS_FROM)."""
+    gathered = []
+    monkeypatch.setattr(packing, "ROWS_FROM", 0 if attention == "rows" else 10**9)
+    monkeypatch.setattr(packing, "_rows", lambda x, index: gathered.append(x.shape) or _ROWS(x, index))
     model_dir = request.getfixturevalue(family)
     trainer = tiny_dpo_trainer(tiny_recipe(model_dir, small_data, precompute_ref=False), tmp_path)
     with torch.no_grad():  # non-zero B: the policy differs from the reference and every LoRA weight gets a gradient
@@ -67,6 +76,7 @@ def test_packed_pairs_give_the_padded_log_probs_loss_and_gradients(family, small
         for name, g in grads.items():
             ref = padded[3][name]
             assert (g - ref).norm() <= 1e-4 * ref.norm(), (name, float((g - ref).norm() / ref.norm()))
+    assert bool(gathered) == (attention == "rows"), "the per-row attention must run when asked and only then"
 
 
 def test_the_packed_layout_shares_the_prompt_and_never_crosses_answers():

@@ -13,7 +13,13 @@ length). The hidden states are then laid back out as TRL's rows, so the LM head,
 exactly what they read without packing: in exact arithmetic the same numbers (tests/test_packing.py: float32
 rounding only, for Llama- and Qwen-family models).
 
-On CPU the mask is a dense [B, 1, L, L] boolean tensor for SDPA (L: the longest packed pair, so it is small);
+On CPU the mask is a dense [B, 1, L, L] boolean tensor for SDPA (L: the longest packed pair, so it is small).
+SDPA's CPU kernel cannot skip the blocks such a mask rules out, and attention grows as L^2: at 1024 tokens a
+packed pair's masked attention cost 2.2x TRL's two causal rows and over half of a training step. So from
+ROWS_FROM packed tokens on, the attention alone runs per sequence: queries, keys and values are gathered into
+TRL's rows (the prompt's copied to both answers), causal SDPA skips the blocks above the diagonal, and each
+packed position takes its output from the row it belongs to (`Packed.back`). Projections, MLPs and the head
+still run on the packed tokens, where the saving is.
 where the model's attention is neither SDPA nor eager (flash attention, flex), a sequence is longer than the
 model's sliding window (the custom mask would lift the window), or the batch is not TRL's plain
 right-padded pair layout (left padding, `keep_end` truncation that cut prompts differently, extra inputs such as
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 import torch
 
 MASKS = ("sdpa", "eager")  # attention implementations that take a custom 4-D mask
+ROWS_FROM = 512  # packed length from which SDPA attends per gathered row (causal) instead of under the dense mask
+ROWS = "_twin_dpo_rows"  # the mask's attribute carrying (index, back) to the attention below
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Packed:
     position_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, 1, L, L]: bool (SDPA) or additive float (eager)
     index: torch.Tensor  # [2B, T]: where TRL's row r, position t lives in the flattened packed [B * L] states
+    back: torch.Tensor  # [B, L]: which flattened [2B * T] row position each packed position is computed in
     tokens: int  # real tokens in the packed batch (no padding)
 
 
@@ -91,12 +100,17 @@ def plan(
     pos = torch.zeros(pairs, length, dtype=torch.long)
     seg = torch.full((pairs, length), -1, dtype=torch.long)
     index = torch.zeros(2 * pairs, width, dtype=torch.long)
+    back = torch.zeros(pairs, length, dtype=torch.long)  # padding: the chosen row's first position (never read)
     for i, (t, q, s, at_c, at_r) in enumerate(layouts):
         ids[i, : len(t)] = torch.tensor(t, dtype=input_ids.dtype)
         pos[i, : len(q)] = torch.tensor(q)
         seg[i, : len(s)] = torch.tensor(s)
         index[i, : len(at_c)] = torch.tensor(at_c) + i * length
         index[pairs + i, : len(at_r)] = torch.tensor(at_r) + i * length
+        back[i] = i * width
+        back[i, : len(at_c)] = torch.arange(len(at_c)) + i * width  # prompt and chosen answer: the chosen row
+        start = len(at_r) - (len(t) - len(at_c))  # the rejected answer's first position in its own row
+        back[i, len(at_c) : len(t)] = torch.arange(start, len(at_r)) + (pairs + i) * width
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     q_seg, k_seg = seg.unsqueeze(2), seg.unsqueeze(1)
     # an answer token sees the shared prompt (segment 0) and its own sequence; padding sees only itself, so no
@@ -106,9 +120,42 @@ def plan(
     mask = allowed.unsqueeze(1)
     if implementation == "eager":
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    return Packed(
-        ids.to(device), pos.to(device), mask.to(device), index.to(device), int(sum(len(lay[0]) for lay in layouts))
-    )
+    mask = mask.to(device)
+    index, back = index.to(device), back.to(device)
+    if implementation == "sdpa" and length >= ROWS_FROM:
+        _install_rows_attention()
+        setattr(mask, ROWS, (index, back))
+    return Packed(ids.to(device), pos.to(device), mask, index, back, int(sum(len(lay[0]) for lay in layouts)))
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] packed per-head states -> [2B, H, T, D] in TRL's rows."""
+    b, h, length, d = x.shape
+    flat = x.transpose(1, 2).reshape(b * length, h, d)
+    return flat[index.reshape(-1)].reshape(*index.shape, h, d).transpose(1, 2)
+
+
+def _install_rows_attention() -> None:
+    """Route transformers' "sdpa" attention through `rows_attention` for masks that carry a row layout; every
+    other call (generation, unpacked batches, short packed rows, other models) reaches SDPA unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if getattr(sdpa, ROWS, False):
+        return
+
+    def rows_attention(module, query, key, value, attention_mask, **kwargs):
+        layout = getattr(attention_mask, ROWS, None)
+        if layout is None or kwargs.get("is_causal") is False:
+            return sdpa(module, query, key, value, attention_mask, **kwargs)
+        index, back = layout
+        out, weights = sdpa(module, _rows(query, index), _rows(key, index), _rows(value, index), None, **kwargs)
+        # out: [2B, T, H, D]; each packed position reads its own row's output
+        flat = out.reshape(-1, *out.shape[2:])
+        return flat[back.reshape(-1)].reshape(*back.shape, *out.shape[2:]), weights
+
+    setattr(rows_attention, ROWS, True)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = rows_attention
 
 
 def unpack(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
