@@ -16,7 +16,17 @@ from pipeline.model import adapters
 from pipeline.model.backend import precision
 from pipeline.recipe import Recipe
 from pipeline.storage import human_bytes
-from pipeline.training import arguments, compiled, distributed, exact_eval, fast_head, reference, twin, work
+from pipeline.training import (
+    arguments,
+    compiled,
+    distributed,
+    exact_eval,
+    fast_head,
+    lean_linear,
+    reference,
+    twin,
+    work,
+)
 from pipeline.training.callbacks import run_log
 from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
@@ -54,6 +64,14 @@ def _install_compile(trainer, recipe, backend: str) -> str:
     return what
 
 
+def _install_lean(trainer, recipe, backend: str) -> int:
+    """Shared input casts and no kept weight copies under autocast (training/lean_linear.py): the same numbers,
+    less memory. Not under torch.compile (inductor plans its own buffers) nor with Unsloth (its own kernels)."""
+    if recipe.train.compile or backend == "unsloth":
+        return 0
+    return lean_linear.install(trainer.accelerator.unwrap_model(trainer.model))
+
+
 def train(
     recipe: Recipe,
     run_dir: str | Path | None = None,
@@ -89,6 +107,7 @@ def train(
         trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [], held_out)
         head = _install_head(trainer, recipe)
         kernels = _install_compile(trainer, recipe, prep.backend.name)
+        lean = _install_lean(trainer, recipe, prep.backend.name)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
         reference_info = attach_reference(trainer, recipe, loaded)
@@ -117,6 +136,7 @@ def train(
             **reference_info,
             lm_head=head,
             compiled=kernels,
+            lean_linears=lean,
             held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),
             mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1),
             eval_pairs=len(prep.eval_rows) if held_out else 0,
