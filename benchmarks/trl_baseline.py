@@ -56,6 +56,7 @@ def main() -> None:
     from pipeline.model.backend import cpu_has_bf16
     from pipeline.model.paths import resolve_model_path
     from pipeline.training import exact_eval, twin, work
+    from pipeline.training.callbacks import step_clock
 
     spec = recipe.model.name_or_path
     path = str(twin.model_dir(spec)) if spec.startswith(twin.PREFIX) else resolve_model_path(spec)
@@ -111,6 +112,8 @@ def main() -> None:
         peft_config=peft_config,
     )
     counted = work.install_on_trainer(trainer)  # counts what the model computes (the bench's MFU); changes nothing
+    clock = step_clock()  # times each step as twin-dpo's runs do (the bench's steady steps); changes nothing
+    trainer.add_callback(clock)
     eval_seconds = time.perf_counter()
     before = trainer.evaluate()
     eval_seconds = time.perf_counter() - eval_seconds
@@ -171,6 +174,7 @@ def main() -> None:
         "pairs_per_second": round(pairs / train_seconds, 4),
         "tokens_per_second": round(tokens / train_seconds, 2),
         "peak_memory_bytes": peak_memory,
+        "step_seconds": clock.seconds,
         "trainable_parameters": int(trainable),
         "total_parameters": int(total),
         "final_train_loss": next((r["loss"] for r in reversed(logs) if "loss" in r), None),

@@ -64,6 +64,28 @@ def run_log(run_dir: Path, total_steps: int, desc: str, main: bool = True):
     return RunLog()
 
 
+def step_clock():
+    """A TrainerCallback timing each optimizer step from on_step_begin to on_step_end (forward, backward and
+    optimizer update of every micro-batch; not data loading, logging or evaluation): `.seconds`, one per step.
+    The bench reads steady steps from both sides with it (its TRL baseline adds the same callback)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self.began = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.began is not None:
+                self.seconds.append(round(time.perf_counter() - self.began, 4))
+                self.began = None
+
+    return StepClock()
+
+
 def time_evaluations(trainer):
     """Wrap trainer.evaluate (also called inside train()) to add up its time; returns a reader of the total.
     Evaluation time is reported apart from training time."""

@@ -27,7 +27,7 @@ from pipeline.training import (
     twin,
     work,
 )
-from pipeline.training.callbacks import run_log
+from pipeline.training.callbacks import run_log, step_clock
 from pipeline.training.prepare import Prepared, announce, begin, load_model, prepare, with_max_steps
 from pipeline.training.run import Run
 
@@ -104,7 +104,8 @@ def train(
         )
         loaded = load_model(prep, run)
         run.start_clock()
-        trainer, log = build_trainer(prep, run, loaded, extra_callbacks or [], held_out)
+        clock = step_clock()
+        trainer, log = build_trainer(prep, run, loaded, [clock, *(extra_callbacks or [])], held_out)
         head = _install_head(trainer, recipe)
         kernels = _install_compile(trainer, recipe, prep.backend.name)
         lean = _install_lean(trainer, recipe, prep.backend.name)
@@ -137,6 +138,7 @@ def train(
             lm_head=head,
             compiled=kernels,
             lean_linears=lean,
+            step_seconds=clock.seconds,
             held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),
             mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1),
             eval_pairs=len(prep.eval_rows) if held_out else 0,
