@@ -44,6 +44,11 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
         assert set(baseline["eval_after_trl"]) == set(baseline["eval_after"])
     else:
         assert baseline["held_out_precision"] == "float32" and baseline["eval_after_trl"] == baseline["eval_after"]
+    ours = json.loads((work / "ours-0" / "summary.json").read_text())
+    for side in (baseline, ours):  # both sides time each step the same way (the scaling grid's steady steps)
+        assert len(side["step_seconds"]) == side["steps"] == 2 and all(
+            0 < s < side["train_seconds"] for s in side["step_seconds"]
+        )
     ratio = report["ours"]["pairs_per_second"]["median"] / report["baseline"]["pairs_per_second"]["median"]
     assert abs(ratio - report["ratio_pairs_per_second"]) < 1e-12
     # the ablation runs really ran with the lever off
