@@ -253,6 +253,24 @@ def tiny_dpo_trainer(recipe, out_dir: Path):
     )
 
 
+def move_lora_b(model) -> None:
+    """Give every LoRA B a non-zero value (PEFT starts it at zero), so the policy differs from the reference and
+    every LoRA weight gets a gradient."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+
+
+def pairs_batch(trainer, indices):
+    """The collated, device-ready training batch of the trainer's pairs at `indices`."""
+    ds = trainer.train_dataset
+    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
+    return trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in indices]))
+
+
 def spy_answer_models(monkeypatch) -> dict[str, dict]:
     """Record, for each `evaluate.generate` call (by its label), the logits of the model it was given on a fixed
     input and whether that model still has LoRA layers; the answers are then generated as usual."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_dpo_trainer, tiny_recipe
+from conftest import move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
 from pipeline.errors import UserError
 from pipeline.training import compiled, reference
 from pipeline.training import fast_head as fast
@@ -25,17 +25,10 @@ def test_compile_without_a_cpp_compiler_is_refused_before_loading(tiny_llama, sm
 def test_compiled_blocks_give_the_eager_loss_gradients_and_reference(tiny_llama, small_data, tmp_path):
     trainer = tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data, precompute_ref=False), tmp_path)
     model = trainer.model
-    with torch.no_grad():  # non-zero B so every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
+    move_lora_b(model)
     assert fast.install_on_trainer(trainer, True)  # padding-free, prompt shared: the default layout
     ds = trainer.train_dataset
-    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
-    batches = [
-        trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in idx]))
-        for idx in ([0, 1], [2, 3], [4, 5])  # three packed lengths: the dynamic shapes compile once
-    ]
+    batches = [pairs_batch(trainer, idx) for idx in ([0, 1], [2, 3], [4, 5])]  # three packed lengths: compiled once
     key = reference.cache_key(trainer, [ds], 512)
     results = []
     for compile_now in (False, True):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_dpo_trainer, tiny_recipe
+from conftest import move_lora_b, tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head as fast
 from pipeline.training import reference
 
@@ -28,10 +28,7 @@ def test_completion_only_head_gives_trls_loss_and_gradients(tiny_llama, small_da
     monkeypatch.setattr(fast, "KEEP_BYTES", keep)  # 0: each slice recomputed in the backward pass; else kept
     trainer = _trainer(tiny_llama, small_data, tmp_path, precompute_ref=False)
     model = trainer.model
-    with torch.no_grad():  # non-zero B so every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
+    move_lora_b(model)
     batch = _batch(trainer)
     results = []
     for use_ours in (False, True):

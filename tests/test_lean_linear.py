@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import tiny_dpo_trainer, tiny_recipe
+from conftest import move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head, lean_linear
 
 
@@ -30,14 +30,9 @@ def _step(trainer, batch, params: set[int]):
 def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama, small_data, tmp_path):
     trainer = tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data, precompute_ref=False), tmp_path)
     model = trainer.model
-    with torch.no_grad():  # non-zero B so every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
+    move_lora_b(model)
     assert fast_head.install_on_trainer(trainer, True)
-    ds = trainer.train_dataset
-    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
-    batch = trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in range(4)]))
+    batch = pairs_batch(trainer, range(4))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     loss, grads, kept = _step(trainer, batch, params)
 

@@ -12,16 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_dpo_trainer, tiny_recipe
+from conftest import move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head, packing
 
 _ROWS = packing._rows
-
-
-def _pairs_batch(trainer, n=4):
-    ds = trainer.train_dataset
-    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
-    return trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in range(n)]))
 
 
 def _run(trainer, batch, layout):
@@ -56,11 +50,8 @@ def test_packed_pairs_give_the_padded_log_probs_loss_and_gradients(
     monkeypatch.setattr(packing, "_rows", lambda x, index: gathered.append(x.shape) or _ROWS(x, index))
     model_dir = request.getfixturevalue(family)
     trainer = tiny_dpo_trainer(tiny_recipe(model_dir, small_data, precompute_ref=False), tmp_path)
-    with torch.no_grad():  # non-zero B: the policy differs from the reference and every LoRA weight gets a gradient
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
-    batch = _pairs_batch(trainer)
+    move_lora_b(trainer.model)
+    batch = pairs_batch(trainer, range(4))
     padded = _run(trainer, batch, None)
     assert (batch["attention_mask"] == 0).any(), "the batch must hold padding for the comparison to mean anything"
     for layout in (False, True):
@@ -140,7 +131,7 @@ def test_the_work_counter_counts_the_packed_rows_and_the_projected_positions(tin
     fast_head.install_completion_head(policy, ("log_probs", "entropy", "mean_logits", "is_top1"), True)
     counts = work.total(work.install_on_trainer(trainer))
     assert counts["train"]["body_tokens"] == 0
-    batch = _pairs_batch(trainer)
+    batch = pairs_batch(trainer, range(4))
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     packed = packing.plan(batch["input_ids"], batch["attention_mask"], labels, True, "sdpa", torch.float32)
     trainer.model.train()

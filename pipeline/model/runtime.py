@@ -38,14 +38,18 @@ def quiet_libraries() -> None:
 
 
 def tune_allocator() -> str:
-    """Serve tensors of 4 MB and more from mmap (returned to the OS when freed) instead of glibc's heap.
+    """Serve tensors of 8 MB and more from mmap (returned to the OS when freed) instead of glibc's heap.
 
     glibc raises its mmap threshold as large blocks are freed, so the variable-size activations of a training
-    run fragment the heap and the RSS creeps up. A fixed threshold stops that at the same speed; smaller
-    thresholds page-fault. `make bench` measures it (ablation: "glibc's default allocator thresholds").
-    TWIN_DPO_MMAP_THRESHOLD_MB=0 turns it off.
+    run fragment the heap and the RSS creeps up. A fixed threshold stops that; but every mmap'd tensor is
+    page-faulted in afresh, which long sequences pay for: one fwd + bwd step at 1,024 tokens x 2 pairs (bf16,
+    Dec 3) took 21-25 s with a 4 MB threshold, 17.6-19.7 s with 16 MB, 15-17 s with glibc's default, at peaks
+    of 5.7, 5.7 and 6.2 GB; whole `dpo_lora` runs at 1,024 x 4 stepped in 57 s (4 MB), 46 s (8 MB), 36 s
+    (16 MB) at peaks of 7.4, 9.0 and 9.8 GB (TRL's: 92.6 s, 9.2 GB): 8 MB is the largest threshold tried that
+    stays under TRL's peak there. `make bench` measures it (ablation: "glibc's default allocator thresholds").
+    TWIN_DPO_MMAP_THRESHOLD_MB sets it (0: glibc's default).
     """
-    mb = int(os.environ.get("TWIN_DPO_MMAP_THRESHOLD_MB", "4") or 0)
+    mb = int(os.environ.get("TWIN_DPO_MMAP_THRESHOLD_MB", "8") or 0)
     if mb <= 0:
         return "glibc default"
     try:
