@@ -19,8 +19,9 @@ packed pair's masked attention cost 2.2x TRL's two causal rows and over half of 
 ROWS_FROM packed tokens on, the attention alone runs per sequence: queries, keys and values are gathered into
 TRL's rows (the prompt's copied to both answers), causal SDPA skips the blocks above the diagonal, and each
 packed position takes its output from the row it belongs to (`Packed.back`). Projections, MLPs and the head
-still run on the packed tokens, where the saving is.
-where the model's attention is neither SDPA nor eager (flash attention, flex), a sequence is longer than the
+still run on the packed tokens, where the saving is (not under torch.compile, which traces the masked path).
+
+Where the model's attention is neither SDPA nor eager (flash attention, flex), a sequence is longer than the
 model's sliding window (the custom mask would lift the window), or the batch is not TRL's plain
 right-padded pair layout (left padding, `keep_end` truncation that cut prompts differently, extra inputs such as
 token type ids), the batch runs unpacked, as TRL builds it.
@@ -145,7 +146,7 @@ def _install_rows_attention() -> None:
         return
 
     def rows_attention(module, query, key, value, attention_mask, **kwargs):
-        layout = getattr(attention_mask, ROWS, None)
+        layout = None if torch.compiler.is_compiling() else getattr(attention_mask, ROWS, None)
         if layout is None or kwargs.get("is_causal") is False:
             return sdpa(module, query, key, value, attention_mask, **kwargs)
         index, back = layout
