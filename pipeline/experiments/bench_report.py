@@ -62,6 +62,15 @@ def steady_step_seconds(summary: dict) -> float | None:
     return statistics.median(steps[1:]) if len(steps) >= 2 else None
 
 
+def loop_step_seconds(summary: dict) -> float:
+    """A run's training-loop seconds per step: its steady steps where timed, else its train time less the reference
+    pass, per step."""
+    steady = steady_step_seconds(summary)
+    if steady is not None:
+        return steady
+    return summary["pairs_trained"] / _loop_pairs_per_second(summary) / max(1, summary["steps"])
+
+
 def loop_speedup(row: dict) -> float:
     """A scaling point's training-loop speed-up: the baseline's steady step time over ours (the first step's
     one-off warm-up left out on both sides); from whole-run pairs/s where a side has no step times."""
@@ -227,10 +236,9 @@ def render(main, ablation, scale, shape, peak, prec, steps, ablation_steps, repe
         for row in scale:
             b, o = row["baseline"], row["ours"]
             bs, os_ = b["train_seconds"] / max(1, b["steps"]), o["train_seconds"] / max(1, o["steps"])
-            b_loop = steady_step_seconds(b) or b["pairs_trained"] / _loop_pairs_per_second(b) / max(1, b["steps"])
-            o_loop = steady_step_seconds(o) or o["pairs_trained"] / _loop_pairs_per_second(o) / max(1, o["steps"])
             md.append(
-                f"| {row['length']} | {row['batch']} | {bs:.2f} | {os_:.2f} | {b_loop:.2f} | {o_loop:.2f} | "
+                f"| {row['length']} | {row['batch']} | {bs:.2f} | {os_:.2f} | {loop_step_seconds(b):.2f} | "
+                f"{loop_step_seconds(o):.2f} | "
                 f"{loop_speedup(row):.2f}x | {human_bytes(b['peak_memory_bytes'])} | "
                 f"{human_bytes(o['peak_memory_bytes'])} |"
             )
