@@ -7,19 +7,13 @@ import copy
 import pytest
 import torch
 
-from conftest import move_lora_b, tiny_dpo_trainer, tiny_recipe
+from conftest import move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head as fast
 from pipeline.training import reference
 
 
 def _trainer(tiny_llama, small_data, tmp_path, **overrides):
     return tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data, **overrides), tmp_path)
-
-
-def _batch(trainer, n=4):
-    ds = trainer.train_dataset
-    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
-    return trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in range(n)]))
 
 
 @pytest.mark.parametrize(("chunk", "keep"), [(7, 0), (7, 1 << 30), (256, 1 << 30)])
@@ -29,7 +23,7 @@ def test_completion_only_head_gives_trls_loss_and_gradients(tiny_llama, small_da
     trainer = _trainer(tiny_llama, small_data, tmp_path, precompute_ref=False)
     model = trainer.model
     move_lora_b(model)
-    batch = _batch(trainer)
+    batch = pairs_batch(trainer, range(4))
     results = []
     for use_ours in (False, True):
         if use_ours:
@@ -96,7 +90,7 @@ def test_cached_reference_equals_a_fresh_computation(tiny_llama, small_data, tmp
         for column in ("ref_chosen_logps", "ref_rejected_logps"):
             assert getattr(second, name)[column] == getattr(fresh, name)[column], (name, column)
     # and they are the reference's: the base with the adapter off, as TRL computes them at every step
-    batch = _batch(fresh)
+    batch = pairs_batch(fresh, range(4))
     c, r = fresh.compute_ref_log_probs(fresh.model, batch)
     torch.testing.assert_close(c, torch.tensor(fresh.train_dataset["ref_chosen_logps"][:4]), atol=1e-4, rtol=1e-5)
 

@@ -116,7 +116,7 @@ def test_4bit_gradients_survive_an_evaluation_pass(tiny_llama):
     pipeline.model.hf.keep_4bit_trainable stops that, so gradients after an evaluation equal those before."""
     from peft import get_peft_model
 
-    from conftest import tiny_recipe
+    from conftest import move_lora_b, tiny_recipe
     from pipeline.model import hf
     from pipeline.model.backend import Backend
 
@@ -129,9 +129,7 @@ def test_4bit_gradients_survive_an_evaluation_pass(tiny_llama):
         torch.manual_seed(0)
         base = hf.load_base(recipe, str(tiny_llama), backend)
         peft_model = get_peft_model(base, hf.peft_config(recipe, base))
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)  # non-zero B so gradients reach lora_A of early layers
+        move_lora_b(peft_model)  # non-zero B so gradients reach lora_A of early layers
         if evaluate_first:
             peft_model.eval()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
