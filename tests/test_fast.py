@@ -44,12 +44,16 @@ def test_completion_only_head_gives_trls_loss_and_gradients(tiny_llama, small_da
 
 
 @pytest.mark.parametrize("keep", [0, 1 << 30])
-def test_completion_log_probs_and_statistics_equal_a_full_log_softmax(monkeypatch, keep):
+@pytest.mark.parametrize(("vocab_block", "exp_rows"), [(8192, 64), (16, 2)])
+def test_completion_log_probs_and_statistics_equal_a_full_log_softmax(monkeypatch, keep, vocab_block, exp_rows):
     """Every output and every gradient (hidden, weight, bias) of the sliced head against torch's log_softmax,
-    for the kept and the recomputed softmax. The reference is float64; the head works in float32 after the matmul
-    (its logits, log-normaliser and statistics), hence 1e-6 absolute and 1e-5 relative."""
+    for the kept and the recomputed softmax, with the whole vocabulary and slice in one block and in several
+    (16 of 50 words: a short last block; 2 of 5 rows). The reference is float64; the head works in float32 after
+    the matmul (its logits, log-normaliser and statistics), hence 1e-6 absolute and 1e-5 relative."""
     monkeypatch.setattr(fast, "CHUNK", 5)
     monkeypatch.setattr(fast, "KEEP_BYTES", keep)
+    monkeypatch.setattr(fast, "VOCAB_BLOCK", vocab_block)
+    monkeypatch.setattr(fast, "EXP_ROWS", exp_rows)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(13, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
