@@ -19,6 +19,12 @@ from pipeline.errors import UserError
 REF = "ref"
 
 
+def transformers_model(model):
+    """The transformers model inside a PEFT wrapper, or `model` itself when it is not wrapped: where the training
+    levers (completion head, lean linears, compiled layers) and the FLOP counter install."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def resolve(spec: str, key: str = "model.adapter") -> Path:
     """An adapter folder, a run folder holding adapter/, or `runs:<recipe>` = that recipe's newest finished run."""
     if spec.startswith("runs:"):

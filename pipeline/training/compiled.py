@@ -20,6 +20,7 @@ import shutil
 import torch
 
 from pipeline.errors import UserError
+from pipeline.model import adapters
 from pipeline.training.reference import COMPILED
 
 
@@ -49,7 +50,7 @@ def decoder_layers(model) -> list[torch.nn.Module] | None:
 def install(model) -> str:
     """Compile each decoder layer of `model` (a PEFT or transformers model) in place; returns what was done, for
     the run's summary and its first lines."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = adapters.transformers_model(model)
     layers = decoder_layers(base)
     if layers is None:
         return "off (no repeated decoder layers found to compile)"

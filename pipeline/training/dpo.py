@@ -42,7 +42,7 @@ def _install_head(trainer, recipe) -> str:
         layout = {None: "", False: "; padding-free pairs", True: "; padding-free pairs, prompt shared"}[packing]
         return f"completion-only (training/fast_head.py){layout}"
     model = trainer.accelerator.unwrap_model(trainer.model)
-    reason = fast_head.decline_reason(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    reason = fast_head.decline_reason(adapters.transformers_model(model))
     if reason and recipe.train.fast_head and next(model.parameters()).device.type != "cuda":
         print(
             f"[twin-dpo] LM head: TRL's, not the completion-only one, because {reason}; the reference pass and each "

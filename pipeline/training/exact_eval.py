@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from pipeline.model import adapters
+
 FLAG = "_twin_dpo_fp32_now"
 HEAD = "_twin_dpo_head_forward"  # set by training/fast_head.py: the forward it installed
 
@@ -35,10 +37,7 @@ def applies(trainer) -> bool:
 
 
 def _inner(trainer):
-    from accelerate.utils import is_peft_model
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return model.get_base_model() if is_peft_model(model) else model
+    return adapters.transformers_model(trainer.accelerator.unwrap_model(trainer.model))
 
 
 def _models(trainer) -> list:

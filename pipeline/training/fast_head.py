@@ -23,6 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from pipeline.model import adapters
 from pipeline.training import packing as packing_mod
 from pipeline.training import trl_compat, work
 
@@ -267,9 +268,7 @@ def install_completion_head(
 
 def install_on_trainer(trainer, packing: bool | None = None) -> bool:
     """Install the completion-only head on the trainer's policy and, if separate, its reference model."""
-    from accelerate.utils import is_peft_model
-
-    policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+    policy = adapters.transformers_model(trainer.model)
     weighting = ("log_sum_sq_probs",) if trl_compat.uses_weighting(trainer) else ()
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + weighting
     installed = install_completion_head(policy, outputs, packing)

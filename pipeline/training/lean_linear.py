@@ -21,6 +21,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from pipeline.model import adapters
 from pipeline.training import compiled
 
 CAST = "_twin_dpo_cast"  # the input tensor's attribute: (version, dtype, its cast), shared by its readers
@@ -70,9 +71,9 @@ def _forward(self, x):
 
 def install(model) -> int:
     """Replace the forward of every plain `nn.Linear` in the decoder layers of `model` (PEFT or transformers):
-    base layers and LoRA A / B; returns how many. The LM head is left alone (training/fast_head.py casts it per
-    slice)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base layers and LoRA A / B; returns how many. The LM head is left alone (training/fast_head.py casts it a block
+    of words at a time)."""
+    base = adapters.transformers_model(model)
     if getattr(base, LEAN, 0):
         return getattr(base, LEAN)
     count = 0

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
+from pipeline.model import adapters
 from pipeline.storage import cache_root, hasher
 from pipeline.training import distributed, exact_eval, trl_compat, work
 
@@ -62,11 +63,9 @@ def reference_tensors(trainer) -> list[tuple[str, torch.Tensor]]:
 def _head(trainer) -> str:
     """Which LM-head implementation computes the log-probs, and whether inductor compiled the blocks (each differs
     in float rounding)."""
-    from accelerate.utils import is_peft_model
-
     model = trainer.ref_model if trainer.ref_model is not None else trainer.model
     model = trainer.accelerator.unwrap_model(model)
-    model = model.get_base_model() if is_peft_model(model) else model
+    model = adapters.transformers_model(model)
     return getattr(model, "_twin_dpo_head", "trl") + (";compiled" if getattr(model, COMPILED, False) else "")
 
 

@@ -17,6 +17,8 @@ import contextlib
 
 import torch
 
+from pipeline.model import adapters
+
 ATTR = "_twin_dpo_work"
 _in_reference_pass = False
 
@@ -82,9 +84,7 @@ def count_head(model, rows: int) -> None:
 
 def install_on_trainer(trainer) -> list[dict[str, dict[str, int]]]:
     """Count on the trainer's policy and, if separate, its reference model; read with `total`."""
-    from accelerate.utils import is_peft_model
-
-    policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+    policy = adapters.transformers_model(trainer.model)
     models = [policy] + ([trainer.accelerator.unwrap_model(trainer.ref_model)] if trainer.ref_model is not None else [])
     return [install(m) for m in models]
 
