@@ -30,9 +30,10 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
     md = md_path.read_text()
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert md.startswith(
-        f"# Bench: twin-dpo LoRA DPO vs plain TRL — **{report['ratio_pairs_per_second']:.2f}x pairs/s**"
+        f"# Bench: twin-dpo LoRA DPO vs plain TRL — **{report['ratio_cold_pairs_per_second']:.2f}x pairs/s cold, "
+        f"{report['ratio_pairs_per_second']:.2f}x warm**"
     )
-    for side in ("baseline", "ours"):
+    for side in ("baseline", "ours_cold", "ours"):
         pairs = report[side]["pairs_per_second"]["values"]
         assert len(pairs) == 1 and all(p > 0 for p in pairs)
         assert report[side]["peak_memory_bytes"]["median"] > 100 * 2**20
@@ -45,6 +46,8 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
     else:
         assert baseline["held_out_precision"] == "float32" and baseline["eval_after_trl"] == baseline["eval_after"]
     ours = json.loads((work / "ours-0" / "summary.json").read_text())
+    cold = json.loads((work / "ours-cold-0" / "summary.json").read_text())
+    assert not cold["reference_reused"] and ours["reference_reused"]  # the warm run read what the cold one cached
     for side in (baseline, ours):  # both sides time each step the same way (the scaling grid's steady steps)
         assert len(side["step_seconds"]) == side["steps"] == 2 and all(
             0 < s < side["train_seconds"] for s in side["step_seconds"]

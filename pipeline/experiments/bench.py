@@ -146,8 +146,9 @@ def bench(
     ablation_steps: int = 30,
 ) -> Path:
     """Main runs of `steps` (default one epoch: learning is compared once both have seen every pair; after
-    30 steps the held-out accuracy still swings by 0.1 with the order of the pairs alone), ablation runs
-    of `ablation_steps` (they measure speed)."""
+    30 steps the held-out accuracy still swings by 0.1 with the order of the pairs alone), `repeats` times each:
+    the TRL baseline, ours on an empty reference cache (cold) and ours again reading that cache (warm); ablation
+    runs of `ablation_steps` (they measure speed)."""
     overrides = overrides or []
     recipe = recipes.resolve("dpo_lora", overrides)
     if recipe.model.name_or_path.startswith(twin.PREFIX):  # built once here: the cold runs' empty caches keep it
@@ -163,11 +164,17 @@ def bench(
     peak = matmul_peak(config.hidden_size, config.intermediate_size, 1024, prec.autocast or "fp32")
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="twin-bench-", dir=out))
-    env = _empty_cache({**os.environ}, work / "cache")  # a cold reference cache, then warm
-    main: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    main: dict[str, list[dict]] = {"baseline": [], "cold": [], "ours": []}
+    env = {**os.environ}
     for k in range(repeats):
-        print(f"[twin-dpo] bench repetition {k + 1}/{repeats}: TRL baseline, then ours", flush=True)
+        print(
+            f"[twin-dpo] bench repetition {k + 1}/{repeats}: TRL baseline, ours on an empty reference cache, "
+            "ours again reading it",
+            flush=True,
+        )
+        env = _empty_cache({**os.environ}, work / f"cache-{k}")  # each cold run starts empty; its warm run reads it
         main["baseline"].append(run_baseline(work / f"baseline-{k}", steps, overrides, env))
+        main["cold"].append(run_ours(work / f"ours-cold-{k}", steps, overrides, env))
         main["ours"].append(run_ours(work / f"ours-{k}", steps, overrides, env))
     print("[twin-dpo] bench ablation: all levers on", flush=True)
     cold = _empty_cache(env, work / "cache-ablation")  # its own reference pass: the column's baseline
