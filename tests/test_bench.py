@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from pipeline.experiments import bench
+from pipeline.model import runtime
 
 
 def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, tmp_path):
@@ -61,3 +64,16 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
     assert "| reference run at every step (no cached log-probs) |" in md and "none: run at every step" in md
     assert len(report["scaling"]) == 1 and report["scaling"][0]["ours"]["steps"] == 1
     assert "## Ablation" in md and "## Scaling" in md and "| 128 | 1 |" in md
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    """Every bench, compare and sweep run is a child of a process that may be big (bench builds the twin
+    in-process: 3.4 GB). Linux carries ru_maxrss over fork and exec, so with it every small run read 3.4 GB."""
+    parent = bytearray(600 * 2**20)
+    parent[::4096] = b"\x01" * len(parent[::4096])  # resident, not just reserved
+    code = "from pipeline.model import runtime; print(runtime.peak_memory('cpu')[0])"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 300 * 2**20, f"the child reports {child / 2**20:.0f} MiB: its parent's peak"
+    own, kind = runtime.peak_memory("cpu")
+    assert own > len(parent) and "peak RSS" in kind  # the parent's own peak still counts its buffer
+    del parent

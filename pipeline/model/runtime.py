@@ -99,12 +99,24 @@ def versions() -> dict[str, str | None]:
 
 
 def peak_memory(device: str) -> tuple[int, str]:
-    """(bytes, what was measured): CUDA max allocated on GPU, else this process's peak RSS."""
+    """(bytes, what was measured): CUDA max allocated on GPU, else this process's peak RSS.
+
+    On Linux the peak is VmHWM, the high-water mark of this program's own address space. getrusage's ru_maxrss
+    is not: Linux carries it over a fork and an exec, so a run started by a big process (`make bench` after
+    building the twin in-process: 3.4 GB) reported that process's peak as its own."""
     if device == "cuda":
         import torch
 
         return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (ru_maxrss)"
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "peak RSS (VmHWM)"
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes, bytes on macOS
+    return peak * (1 if platform.system() == "Darwin" else 1024), "peak RSS (ru_maxrss)"
 
 
 def device_name(device: str) -> str:
