@@ -39,6 +39,7 @@ ABLATIONS = (  # each lever switched off on its own
     ("bf16 autocast off (fp32)", ["model.dtype=float32"]),
     ("glibc's default allocator thresholds", ["env:TWIN_DPO_MMAP_THRESHOLD_MB=0"]),
     ("reference-pass batching off (one pair per forward)", ["env:TWIN_DPO_REFERENCE_PAIRS=1"]),
+    ("frozen weights kept float32 (cast to bf16 at every step)", ["env:TWIN_DPO_FROZEN_BF16=0"]),
     ("torch.compile ON (inductor per block, off by default; its compile time inside the run)", ["train.compile=true"]),
 )
 LENGTHS = (128, 256, 512, 1024)

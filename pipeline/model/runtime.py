@@ -7,9 +7,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import platform
 import resource
+import sys
 import warnings
 from importlib import metadata
 
@@ -35,6 +37,21 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def release_pages(tensor) -> None:
+    """Hand the memory pages that lie wholly inside `tensor`'s bytes back to the system (Linux madvise
+    DONTNEED); afterwards its values are gone (zeros, or the file's for a file mapping): only for a tensor nothing
+    reads again. A model loaded from safetensors keeps its weights in a private mapping of the file, shared by
+    all of them, so dropping one weight's tensor frees nothing until this."""
+    if sys.platform != "linux":
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
 def tune_allocator() -> str:

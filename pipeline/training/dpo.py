@@ -8,6 +8,7 @@ trainable copy of it and the reference a frozen copy on the same base.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pipeline.training import (
     distributed,
     exact_eval,
     fast_head,
+    held_weights,
     lean_linear,
     reference,
     twin,
@@ -73,6 +75,17 @@ def _install_lean(trainer, recipe, backend: str, autocast: str | None) -> int:
     return lean_linear.install(trainer.accelerator.unwrap_model(trainer.model))
 
 
+def _hold_frozen(trainer, lean: int, autocast: str | None, folder: Path) -> held_weights.Held | None:
+    """The frozen float32 weights of the lean linears held in the autocast dtype for the run
+    (training/held_weights.py): no per-step casts, the same numbers. A single process on the CPU only.
+    TWIN_DPO_FROZEN_BF16=0 keeps them float32 (the bench's lever table measures it)."""
+    if not lean or autocast not in ("bf16", "fp16") or distributed.active():
+        return None
+    if os.environ.get("TWIN_DPO_FROZEN_BF16", "1").strip() == "0":
+        return None
+    return held_weights.hold(trainer.accelerator.unwrap_model(trainer.model), autocast, folder)
+
+
 def train(
     recipe: Recipe,
     run_dir: str | Path | None = None,
@@ -110,6 +123,7 @@ def train(
         head = _install_head(trainer, recipe)
         kernels = _install_compile(trainer, recipe, prep.backend.name)
         lean = _install_lean(trainer, recipe, prep.backend.name, prec.autocast)
+        held = _hold_frozen(trainer, lean, prec.autocast, run.path)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
         reference_info = attach_reference(trainer, recipe, loaded)
@@ -120,6 +134,8 @@ def train(
             before, after = run.fit(trainer, eval_block if held_out else None)
         finally:
             log.close()
+            if held is not None:  # what follows (saving, answers, export) reads the float32 weights
+                held.restore()
         if inspect is not None:
             inspect(trainer)
         artifact = run.save_policy(trainer.model, loaded.tokenizer)
@@ -139,6 +155,7 @@ def train(
             lm_head=head,
             compiled=kernels,
             lean_linears=lean,
+            frozen_weights=held.describe() if held is not None else None,
             step_seconds=clock.seconds,
             held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),
             mean_tokens_per_sequence=round(prep.lengths.mean_tokens, 1),

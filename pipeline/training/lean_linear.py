@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import adapters
-from pipeline.training import compiled
+from pipeline.training import compiled, held_weights
 
 CAST = "_twin_dpo_cast"  # the input tensor's attribute: (version, dtype, its cast), shared by its readers
 LEAN = "_twin_dpo_lean"  # set on a model whose linears were replaced
@@ -65,7 +65,10 @@ class _LeanLinear(torch.autograd.Function):
 def _forward(self, x):
     device = x.device.type
     if not (torch.is_grad_enabled() and torch.is_autocast_enabled(device)) or not x.is_floating_point():
-        return F.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if weight.dtype != x.dtype and x.dtype == torch.float32 and not torch.is_autocast_enabled(device):
+            weight = held_weights.float32_weight(weight)  # held in bf16 for training: its float32 values
+        return F.linear(x, weight, self.bias)
     return _LeanLinear.apply(x, _cast(x, torch.get_autocast_dtype(device)), self.weight, self.bias)
 
 
