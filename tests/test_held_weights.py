@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +139,8 @@ def test_a_bf16_run_with_held_weights_ends_where_one_without_them_does(tiny_llam
     assert plain["frozen_weights"] is None and "held in bfloat16" in held["frozen_weights"]
     for key in ("eval_before", "eval_after", "final_train_loss"):
         assert held[key] == plain[key], key
+    # the cache key hashes the float32 weights either way: one cache serves both, a bf16 collision cannot
+    assert Path(plain["reference_cache"]).name == Path(held["reference_cache"]).name
     a, b = load_file(plain["reference_cache"]), load_file(held["reference_cache"])  # NaN: pairs not yet computed
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
     for k in a:

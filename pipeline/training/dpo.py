@@ -66,13 +66,15 @@ def _install_compile(trainer, recipe, backend: str) -> str:
     return what
 
 
-def _install_lean(trainer, recipe, backend: str, autocast: str | None) -> int:
-    """Shared input casts and no kept weight copies under autocast (training/lean_linear.py): the same numbers,
-    less memory. Not under torch.compile (inductor plans its own buffers) nor with Unsloth (its own kernels), and
-    not without autocast, where each layer would only fall through to F.linear (the summary then counts 0)."""
+def _install_lean(trainer, recipe, backend: str, autocast: str | None) -> tuple[int, int]:
+    """Shared input casts, no kept weight copies and gated MLPs that keep one tensor less, under autocast
+    (training/lean_linear.py): the same numbers, less memory; returns (linears, MLPs) switched. Not under
+    torch.compile (inductor plans its own buffers) nor with Unsloth (its own kernels), and not without autocast,
+    where each layer would only fall through to F.linear (the summary then counts 0)."""
     if recipe.train.compile or backend == "unsloth" or not autocast:
-        return 0
-    return lean_linear.install(trainer.accelerator.unwrap_model(trainer.model))
+        return 0, 0
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return lean_linear.install(model), lean_linear.install_mlps(model)
 
 
 def _hold_frozen(trainer, lean: int, autocast: str | None, folder: Path) -> held_weights.Held | None:
@@ -122,7 +124,7 @@ def train(
         trainer, log = build_trainer(prep, run, loaded, [clock, *(extra_callbacks or [])], held_out)
         head = _install_head(trainer, recipe)
         kernels = _install_compile(trainer, recipe, prep.backend.name)
-        lean = _install_lean(trainer, recipe, prep.backend.name, prec.autocast)
+        lean, lean_mlps = _install_lean(trainer, recipe, prep.backend.name, prec.autocast)
         held = _hold_frozen(trainer, lean, prec.autocast, run.path)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
@@ -155,6 +157,7 @@ def train(
             lm_head=head,
             compiled=kernels,
             lean_linears=lean,
+            lean_mlps=lean_mlps,
             frozen_weights=held.describe() if held is not None else None,
             step_seconds=clock.seconds,
             held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),

@@ -78,6 +78,18 @@ def float32_weight(weight: torch.Tensor) -> torch.Tensor:
     return slot[0].float32(slot[1]) if slot is not None else weight.to(torch.float32)
 
 
+def float32_view(model):
+    """A function giving, for a tensor of `model`'s state dict, its float32 values if its weight is held, else the
+    tensor itself: what the reference cache's key hashes, so the key is the same with the weights held or not."""
+    held = {p.data_ptr(): p for p in model.parameters() if hasattr(p, SLOT)}
+
+    def view(tensor: torch.Tensor) -> torch.Tensor:
+        weight = held.get(tensor.data_ptr())
+        return float32_weight(weight) if weight is not None and weight.dtype == tensor.dtype else tensor
+
+    return view
+
+
 def _frozen_weights(model) -> list[torch.nn.Parameter]:
     layers = compiled.decoder_layers(adapters.transformers_model(model)) or []
     return [

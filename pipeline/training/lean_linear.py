@@ -6,12 +6,22 @@ copies of the attention input (q, k and v, each base layer and each LoRA A), fou
 attention and MLP outputs, and per step a bf16 copy of every frozen weight (135M model: 0.2 GB), all alive until
 their layer's backward. Here every linear in the decoder layers runs through `_LeanLinear`: the input's cast is
 made once and shared by every layer that reads the same tensor, the weight is cast for the matmul and dropped, and
-the backward casts it again (one cast per layer, cheap beside the matmuls). The forward computes the same bf16
-matmuls; the backward the same products, each input gradient cast to float32 before autograd sums them, as
-autocast's own cast does (tests/test_lean_linear.py: same loss and gradients; fewer bytes kept).
+the backward casts it again (one cast per layer, cheap beside the matmuls). PEFT's LoRA layer upcasts a bf16
+input (the o and down projections read the attention's and the MLP's bf16 outputs) to the adapter's float32
+before LoRA A, and autocast casts it straight back to an equal bf16 copy, kept for the backward beside the base
+layer's: that upcast is switched off, so the adapter reads the very tensor the base layer reads (SmolLM2:
+(576 + 1,536) x 2 bytes less per token and layer). The forward computes the same bf16 matmuls, the backward the
+same products (tests/test_lean_linear.py: the same loss and gradients, bit for bit; fewer bytes kept).
 
 Off without autocast (float32 runs save the float32 input, which the three projections already share, and the
 parameter itself), under no_grad (nothing is kept), and for quantised layers (bitsandbytes' own classes).
+
+The gated MLP of the Llama family (Llama, Qwen, Mistral, SmolLM: `down(silu(gate(x)) * up(x))`) keeps four
+intermediate-sized tensors per token for the backward: silu's input, both factors of the product, and the
+product (the down projection's input). `_SwiGLU` keeps the gate and up outputs and recomputes silu(gate) in the
+backward, an elementwise pass: one intermediate-sized tensor less per token and layer (1,024 tokens x 4 pairs on
+SmolLM2, measured: peak 9.46 -> 8.92 GB), the same gradients (the backward calls the kernels autograd calls). An
+MLP is switched only after it gives the same output on a probe input, so a family whose MLP differs keeps its own.
 """
 
 from __future__ import annotations
@@ -72,6 +82,73 @@ def _forward(self, x):
     return _LeanLinear.apply(x, _cast(x, torch.get_autocast_dtype(device)), self.weight, self.bias)
 
 
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate).to(gate.dtype) if need_gate else None
+        grad_up = (grad * F.silu(gate)).to(up.dtype) if need_up else None
+        return grad_gate, grad_up
+
+
+def _mlp_forward(self, x):
+    if not torch.is_grad_enabled():
+        return self._twin_dpo_mlp_forward(x)
+    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_silu(module) -> bool:
+    return isinstance(module, torch.nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+def _switch(mlp, gate) -> bool:
+    """Give `mlp` the lean forward if it computes what its own does on a probe input (float32, no autocast; a
+    generator of its own, so the run's random stream is untouched); else leave it as it was."""
+    own = mlp.forward
+    weight = next((p for p in gate.parameters() if p.is_floating_point()), None)
+    if weight is None or not hasattr(gate, "in_features"):
+        return False
+    probe = torch.randn(2, gate.in_features, generator=torch.Generator().manual_seed(0), dtype=weight.dtype).to(
+        weight.device
+    )
+    mlp._twin_dpo_mlp_forward = own
+    mlp.forward = types.MethodType(_mlp_forward, mlp)
+    try:
+        with torch.autocast(weight.device.type, enabled=False):
+            with torch.no_grad():
+                expected = own(probe)
+            with torch.enable_grad():
+                same = torch.equal(mlp(probe), expected)
+    except RuntimeError:
+        same = False
+    if not same:
+        mlp.forward = own
+        del mlp._twin_dpo_mlp_forward
+    return same
+
+
+def install_mlps(model) -> int:
+    """Replace the forward of every gated SiLU MLP in the decoder layers of `model` (module docstring) whose
+    output on a probe input is that of its own forward; returns how many."""
+    base = adapters.transformers_model(model)
+    count = 0
+    for layer in compiled.decoder_layers(base) or []:
+        mlp = getattr(layer, "mlp", None)
+        parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if mlp is None or None in parts or not _is_silu(getattr(mlp, "act_fn", None)):
+            continue
+        if getattr(mlp, "_twin_dpo_mlp_forward", None) is None and not _switch(mlp, parts[0]):
+            continue
+        count += 1
+    return count
+
+
 def install(model) -> int:
     """Replace the forward of every plain `nn.Linear` in the decoder layers of `model` (PEFT or transformers):
     base layers and LoRA A / B; returns how many. The LM head is left alone (training/fast_head.py casts it a block
@@ -85,5 +162,12 @@ def install(model) -> int:
             if type(module) is torch.nn.Linear:
                 module.forward = types.MethodType(_forward, module)
                 count += 1
+            adapters_a = getattr(module, "lora_A", None)
+            if isinstance(adapters_a, torch.nn.ModuleDict) and all(
+                type(a) is torch.nn.Linear for a in adapters_a.values()
+            ):
+                # PEFT upcasts a bf16 input (the o and down projections') to the adapter's float32 for LoRA A,
+                # which autocast casts straight back: a second bf16 copy kept for the backward. Off: both read it.
+                module.cast_input_dtype_enabled = False
     setattr(base, LEAN, count)
     return count

@@ -73,8 +73,12 @@ def cache_key(trainer, datasets: list[Any], max_length: int | None) -> str:
     eval_batch = trainer.args.per_device_eval_batch_size
     fixed, _ = train_batching(trainer)
     batching = fixed or f"tokens:{TOKENS}"
+    from pipeline.training import held_weights  # it imports compiled, which imports this module
+
+    float32 = held_weights.float32_view(trainer.accelerator.unwrap_model(trainer.model))
     h = hasher()
     for name, tensor in reference_tensors(trainer):
+        tensor = float32(tensor)  # a weight held in bf16 for training: its float32 values (held_weights.py)
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         t = tensor.detach().cpu()
