@@ -271,6 +271,18 @@ def pairs_batch(trainer, indices):
     return trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in indices]))
 
 
+def lean_trainer(model_dir: Path, data: dict[str, Path], out_dir: Path):
+    """(trainer, a batch of its first 4 pairs): a tiny DPO trainer with every LoRA B moved off zero, the
+    completion-only LM head and the lean linears installed (training/lean_linear.py), without the reference cache."""
+    from pipeline.training import fast_head, lean_linear
+
+    trainer = tiny_dpo_trainer(tiny_recipe(model_dir, data, precompute_ref=False), out_dir)
+    move_lora_b(trainer.model)
+    assert fast_head.install_on_trainer(trainer, True)
+    lean_linear.install(trainer.model)
+    return trainer, pairs_batch(trainer, range(4))
+
+
 def spy_answer_models(monkeypatch) -> dict[str, dict]:
     """Record, for each `evaluate.generate` call (by its label), the logits of the model it was given on a fixed
     input and whether that model still has LoRA layers; the answers are then generated as usual."""

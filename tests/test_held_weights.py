@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
+from conftest import lean_trainer, pairs_batch, tiny_dpo_trainer, tiny_recipe
 from pipeline.model import runtime
 from pipeline.recipe import apply_overrides
-from pipeline.training import dpo, fast_head, held_weights, lean_linear
+from pipeline.training import dpo, held_weights, lean_linear
 
 
 def _frozen(model) -> list[torch.nn.Linear]:
@@ -39,12 +39,8 @@ def _float32_logits(model, batch) -> torch.Tensor:
 
 
 def test_held_weights_give_the_same_loss_gradients_and_float32_passes(tiny_llama, small_data, tmp_path):
-    trainer = tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data, precompute_ref=False), tmp_path)
+    trainer, batch = lean_trainer(tiny_llama, small_data, tmp_path)
     model = trainer.model
-    move_lora_b(model)
-    assert fast_head.install_on_trainer(trainer, True)
-    lean_linear.install(model)
-    batch = pairs_batch(trainer, range(4))
     frozen = _frozen(model)
     before = {id(m): m.weight.detach().clone() for m in frozen}
     loss, grads = _step(trainer, batch)

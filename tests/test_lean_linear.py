@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
+from conftest import lean_trainer, move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head, lean_linear
 
 
@@ -73,12 +73,8 @@ def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama
 
 
 def test_lean_mlps_give_the_same_loss_and_gradients_and_keep_one_tensor_less(tiny_llama, small_data, tmp_path):
-    trainer = tiny_dpo_trainer(tiny_recipe(tiny_llama, small_data, precompute_ref=False), tmp_path)
+    trainer, batch = lean_trainer(tiny_llama, small_data, tmp_path)
     model = trainer.model
-    move_lora_b(model)
-    assert fast_head.install_on_trainer(trainer, True)
-    lean_linear.install(model)
-    batch = pairs_batch(trainer, range(4))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     loss, grads, kept = _step(trainer, batch, params)
     rng = torch.get_rng_state()
