@@ -39,7 +39,6 @@ class Held:
     def __init__(self, params: list[torch.nn.Parameter], offsets: list[int | None], dtype: torch.dtype, spill):
         self.params, self.offsets, self.dtype, self.spill = params, offsets, dtype, spill
         self.restored = False
-        self.saved_bytes = sum(p.numel() for p in params) * (4 - torch.finfo(dtype).bits // 8)
 
     def describe(self) -> str:
         exact = sum(o is None for o in self.offsets)
