@@ -46,7 +46,7 @@ def test_held_weights_give_the_same_loss_gradients_and_float32_passes(tiny_llama
     loss, grads = _step(trainer, batch)
     logits = _float32_logits(model, batch)
 
-    held = held_weights.hold(model, "bf16", tmp_path)
+    held = held_weights.hold(lean_linear.linears(model), "bf16", tmp_path)
     assert held is not None and len(held.params) == len(frozen)
     assert all(m.weight.dtype == torch.bfloat16 for m in frozen)
     assert held.spill is not None  # random float32 weights: bf16 holds none of them exactly
@@ -77,7 +77,7 @@ def test_weights_bf16_holds_exactly_need_no_file(tiny_llama, small_data, tmp_pat
             m.weight.copy_(m.weight.to(torch.bfloat16))
     batch = pairs_batch(trainer, range(2))
     logits = _float32_logits(model, batch)
-    held = held_weights.hold(model, "bf16", tmp_path)
+    held = held_weights.hold(lean_linear.linears(model), "bf16", tmp_path)
     assert held.spill is None and all(o is None for o in held.offsets)
     assert torch.equal(_float32_logits(model, batch), logits)
     held.restore()
@@ -104,7 +104,7 @@ def test_no_room_for_the_float32_copy_leaves_the_weights_as_they_were(
             self.closed = True
 
     monkeypatch.setattr(tempfile, "TemporaryFile", Full)
-    assert held_weights.hold(model, "bf16", tmp_path) is None
+    assert held_weights.hold(lean_linear.linears(model), "bf16", tmp_path) is None
     assert all(m.weight.dtype == torch.float32 for m in _frozen(model))
     out = capsys.readouterr().out
     assert "frozen weights stay float32" in out and "No space left on device" in out and str(tmp_path) in out

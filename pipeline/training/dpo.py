@@ -85,7 +85,7 @@ def _hold_frozen(trainer, lean: int, autocast: str | None, folder: Path) -> held
         return None
     if os.environ.get("TWIN_DPO_FROZEN_BF16", "1").strip() == "0":
         return None
-    return held_weights.hold(trainer.accelerator.unwrap_model(trainer.model), autocast, folder)
+    return held_weights.hold(lean_linear.linears(trainer.accelerator.unwrap_model(trainer.model)), autocast, folder)
 
 
 def train(

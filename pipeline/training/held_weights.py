@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import adapters, runtime
-from pipeline.training import compiled
+from pipeline.model import runtime
 
 SLOT = "_twin_dpo_held"  # a held weight's attribute: (its Held, its index there)
 
@@ -89,24 +88,16 @@ def float32_view(model):
     return view
 
 
-def _frozen_weights(model) -> list[torch.nn.Parameter]:
-    layers = compiled.decoder_layers(adapters.transformers_model(model)) or []
-    return [
-        m.weight
-        for layer in layers
-        for m in layer.modules()
-        if type(m) is torch.nn.Linear
-        and not m.weight.requires_grad
-        and m.weight.dtype == torch.float32
-        and m.weight.device.type == "cpu"
-    ]
-
-
-def hold(model, autocast: str, directory: Path) -> Held | None:
-    """Hold the frozen float32 decoder weights of `model` in the `autocast` dtype, bf16 or fp16 (module
-    docstring); None if there are none or their float32 copy cannot be written to `directory` (nothing changed)."""
+def hold(linears: list[torch.nn.Linear], autocast: str, directory: Path) -> Held | None:
+    """Hold the frozen float32 CPU weights of `linears` (training/lean_linear.py's `linears`) in the `autocast`
+    dtype, bf16 or fp16 (module docstring); None if there are none or their float32 copy cannot be written to
+    `directory` (nothing changed)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
-    params = _frozen_weights(model)
+    params = [
+        m.weight
+        for m in linears
+        if not m.weight.requires_grad and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+    ]
     if not params:
         return None
     offsets: list[int | None] = []

@@ -149,25 +149,32 @@ def install_mlps(model) -> int:
     return count
 
 
+def _decoder_modules(model):
+    for layer in compiled.decoder_layers(adapters.transformers_model(model)) or []:
+        yield from layer.modules()
+
+
+def linears(model) -> list[torch.nn.Linear]:
+    """The plain `nn.Linear` layers in the decoder layers of `model` (PEFT or transformers): base layers and LoRA
+    A / B, what `install` switches (and training/held_weights.py holds the frozen weights of)."""
+    return [m for m in _decoder_modules(model) if type(m) is torch.nn.Linear]
+
+
 def install(model) -> int:
-    """Replace the forward of every plain `nn.Linear` in the decoder layers of `model` (PEFT or transformers):
-    base layers and LoRA A / B; returns how many. The LM head is left alone (training/fast_head.py casts it a block
-    of words at a time)."""
+    """Replace the forward of every plain `nn.Linear` in the decoder layers of `model` (`linears`); returns how
+    many. The LM head is left alone (training/fast_head.py casts it a block of words at a time)."""
     base = adapters.transformers_model(model)
     if getattr(base, LEAN, 0):
         return getattr(base, LEAN)
-    count = 0
-    for layer in compiled.decoder_layers(base) or []:
-        for module in layer.modules():
-            if type(module) is torch.nn.Linear:
-                module.forward = types.MethodType(_forward, module)
-                count += 1
-            adapters_a = getattr(module, "lora_A", None)
-            if isinstance(adapters_a, torch.nn.ModuleDict) and all(
-                type(a) is torch.nn.Linear for a in adapters_a.values()
-            ):
-                # PEFT upcasts a bf16 input (the o and down projections') to the adapter's float32 for LoRA A,
-                # which autocast casts straight back: a second bf16 copy kept for the backward. Off: both read it.
-                module.cast_input_dtype_enabled = False
+    switched = linears(model)
+    for module in switched:
+        module.forward = types.MethodType(_forward, module)
+    for module in _decoder_modules(model):
+        adapters_a = getattr(module, "lora_A", None)
+        if isinstance(adapters_a, torch.nn.ModuleDict) and all(type(a) is torch.nn.Linear for a in adapters_a.values()):
+            # PEFT upcasts a bf16 input (the o and down projections') to the adapter's float32 for LoRA A,
+            # which autocast casts straight back: a second bf16 copy kept for the backward. Off: both read it.
+            module.cast_input_dtype_enabled = False
+    count = len(switched)
     setattr(base, LEAN, count)
     return count
