@@ -52,17 +52,19 @@ def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama
     weight_copies = sum(m.weight.numel() * 2 for m in frozen)
     assert lean_kept <= kept - weight_copies, (kept, lean_kept, weight_copies)
 
-    # PEFT's upcast of a bf16 input for LoRA A (o and down projections) would keep a second bf16 copy of it
+    # PEFT's upcast of a bf16 input for LoRA A (o and down projections) would have the adapter keep a bf16 cast of
+    # it; switched off, LoRA A keeps the very tensor (a frozen base layer keeps no input: its weight needs no
+    # gradient). The o projection's input is the attention's output, which the attention keeps anyway: one
+    # hidden-sized copy per token and layer less
     lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     assert all(m.cast_input_dtype_enabled is False for m in lora_layers)
     for m in lora_layers:
         m.cast_input_dtype_enabled = True
     upcast_loss, _, upcast_kept = _step(trainer, batch, params)
     assert torch.equal(upcast_loss, loss)
-    layers = model.get_base_model().config.num_hidden_layers
-    shape = model.get_base_model().config
+    config = model.get_base_model().config
     tokens = int(batch["attention_mask"].sum())  # packed: a little fewer (the prompt once)
-    copies = layers * (shape.hidden_size + shape.intermediate_size) * 2 * tokens  # o and down inputs, bf16
+    copies = config.num_hidden_layers * config.hidden_size * 2 * tokens  # o inputs, bf16
     assert upcast_kept - lean_kept >= copies * 3 // 4, (upcast_kept, lean_kept, copies)
     for m in lora_layers:
         m.cast_input_dtype_enabled = False
@@ -91,8 +93,20 @@ def test_lean_mlps_give_the_same_loss_and_gradients_and_keep_one_tensor_less(tin
         assert torch.equal(g, grads[name]), name
     tokens = int(batch["attention_mask"].sum())  # packed rows hold at most these many positions
     per_mlp = mlps[0].up_proj.out_features * 2  # one bf16 intermediate-sized tensor per token
-    # the packed rows hold the prompt once: a little fewer positions than TRL's rows count
-    assert kept - lean_kept >= len(mlps) * per_mlp * tokens * 3 // 4, (kept, lean_kept)
+    # two of them less: silu's output and the product (the down projection's input), both recomputed; the packed
+    # rows hold the prompt once, a little fewer positions than TRL's rows count
+    assert kept - lean_kept >= 2 * len(mlps) * per_mlp * tokens * 3 // 4, (kept, lean_kept)
+
+    # with PEFT's upcast before LoRA A the down projection's adapter reads a float32 copy, not the tagged
+    # product, and keeps its own bf16 cast of it: why install switches that upcast off
+    lora_downs = [m.down_proj for m in mlps]
+    for m in lora_downs:
+        m.cast_input_dtype_enabled = True
+    upcast_loss, upcast_grads, upcast_kept = _step(trainer, batch, params)
+    for m in lora_downs:
+        m.cast_input_dtype_enabled = False
+    assert torch.equal(upcast_loss, loss)
+    assert upcast_kept - lean_kept >= len(mlps) * per_mlp * tokens * 3 // 4, (upcast_kept, lean_kept)
 
 
 def test_an_mlp_that_computes_something_else_keeps_its_own_forward(tiny_llama, small_data, tmp_path):

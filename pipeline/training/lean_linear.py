@@ -6,21 +6,23 @@ copies of the attention input (q, k and v, each base layer and each LoRA A), fou
 attention and MLP outputs, and per step a bf16 copy of every frozen weight (135M model: 0.2 GB), all alive until
 their layer's backward. Here every linear in the decoder layers runs through `_LeanLinear`: the input's cast is
 made once and shared by every layer that reads the same tensor, the weight is cast for the matmul and dropped, and
-the backward casts it again (one cast per layer, cheap beside the matmuls). PEFT's LoRA layer upcasts a bf16
-input (the o and down projections read the attention's and the MLP's bf16 outputs) to the adapter's float32
-before LoRA A, and autocast casts it straight back to an equal bf16 copy, kept for the backward beside the base
-layer's: that upcast is switched off, so the adapter reads the very tensor the base layer reads (SmolLM2:
-(576 + 1,536) x 2 bytes less per token and layer). The forward computes the same bf16 matmuls, the backward the
-same products (tests/test_lean_linear.py: the same loss and gradients, bit for bit; fewer bytes kept).
+the backward casts it again (one cast per layer, cheap beside the matmuls); a frozen layer keeps no input at all
+(only its weight's gradient would read it), so a LoRA layer's input is kept once, by LoRA A. PEFT's LoRA layer
+upcasts a bf16 input (the o and down projections read the attention's and the MLP's bf16 outputs) to the
+adapter's float32 before LoRA A, and autocast casts it straight back: LoRA A would keep that second bf16 copy, not
+the tensor the attention keeps anyway (o) or the MLP recomputes (down, below). That upcast is switched off. The
+forward computes the same bf16 matmuls, the backward the same products (tests/test_lean_linear.py: the same loss
+and gradients, bit for bit; fewer bytes kept).
 
 Off without autocast (float32 runs save the float32 input, which the three projections already share, and the
 parameter itself), under no_grad (nothing is kept), and for quantised layers (bitsandbytes' own classes).
 
 The gated MLP of the Llama family (Llama, Qwen, Mistral, SmolLM: `down(silu(gate(x)) * up(x))`) keeps four
 intermediate-sized tensors per token for the backward: silu's input, both factors of the product, and the
-product (the down projection's input). `_SwiGLU` keeps the gate and up outputs and recomputes silu(gate) in the
-backward, an elementwise pass: one intermediate-sized tensor less per token and layer (1,024 tokens x 4 pairs on
-SmolLM2, measured: peak 9.46 -> 8.92 GB), the same gradients (the backward calls the kernels autograd calls). An
+product (the down projection's input, kept by its LoRA A). `_SwiGLU` keeps the gate and up outputs only: silu(gate)
+is recomputed in its backward and the product in LoRA A's (the product carries its factors, `PRODUCT`), two
+elementwise passes. Two intermediate-sized tensors less per token and layer (1,024 tokens x 4 pairs on SmolLM2,
+measured: peak 9.46 -> 8.92 GB for the first), the same gradients (the same kernels on the same bf16 values). An
 MLP is switched only after it gives the same output on a probe input, so a family whose MLP differs keeps its own.
 """
 
@@ -36,6 +38,7 @@ from pipeline.training import compiled, held_weights
 
 CAST = "_twin_dpo_cast"  # the input tensor's attribute: (version, dtype, its cast), shared by its readers
 LEAN = "_twin_dpo_lean"  # set on a model whose linears were replaced
+PRODUCT = "_twin_dpo_swiglu"  # a SwiGLU product's attribute: its factors (gate, up), detached
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -53,23 +56,29 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _LeanLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, low, weight, bias):
+    def forward(ctx, x, low, weight, bias, gate, up):
         dtype = low.dtype
         out = F.linear(low, weight.to(dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(low, weight)
+        # the input is kept only for the weight's gradient (a frozen weight needs none), and a SwiGLU product is
+        # not kept at all: its factors are (the MLP's backward keeps them), and it is recomputed from them
+        keep = () if not ctx.needs_input_grad[2] else (gate, up) if gate is not None else (low,)
+        ctx.save_for_backward(weight, *keep)
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        low, weight = ctx.saved_tensors
-        need_x, _, need_w, need_b = ctx.needs_input_grad
-        grad_x = (grad @ weight.to(low.dtype)).to(ctx.x_dtype) if need_x else None
+        weight, *keep = ctx.saved_tensors
+        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if need_x else None
         flat = grad.reshape(-1, grad.shape[-1])
-        grad_w = (flat.t() @ low.reshape(-1, low.shape[-1])).to(weight.dtype) if need_w else None
+        grad_w = None
+        if need_w:
+            low = F.silu(keep[0]) * keep[1] if len(keep) == 2 else keep[0]
+            grad_w = (flat.t() @ low.reshape(-1, low.shape[-1])).to(weight.dtype)
         grad_b = flat.sum(0).to(ctx.bias_dtype) if (need_b and ctx.has_bias) else None
-        return grad_x, None, grad_w, grad_b
+        return grad_x, None, grad_w, grad_b, None, None
 
 
 def _forward(self, x):
@@ -79,7 +88,9 @@ def _forward(self, x):
         if weight.dtype != x.dtype and x.dtype == torch.float32 and not torch.is_autocast_enabled(device):
             weight = held_weights.float32_weight(weight)  # held in bf16 for training: its float32 values
         return F.linear(x, weight, self.bias)
-    return _LeanLinear.apply(x, _cast(x, torch.get_autocast_dtype(device)), self.weight, self.bias)
+    low = _cast(x, torch.get_autocast_dtype(device))
+    gate, up = getattr(x, PRODUCT, (None, None)) if low.dtype == x.dtype else (None, None)
+    return _LeanLinear.apply(x, low, self.weight, self.bias, gate, up)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -100,7 +111,10 @@ class _SwiGLU(torch.autograd.Function):
 def _mlp_forward(self, x):
     if not torch.is_grad_enabled():
         return self._twin_dpo_mlp_forward(x)
-    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = _SwiGLU.apply(gate, up)
+    setattr(product, PRODUCT, (gate.detach(), up.detach()))  # LoRA A of the down projection recomputes it
+    return self.down_proj(product)
 
 
 def _is_silu(module) -> bool:
