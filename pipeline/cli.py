@@ -146,7 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each (default 3)")
     bench.add_argument(
-        "--scaling-steps", type=int, default=3, metavar="N", help="steps per scaling-table run (default 3)"
+        "--scaling-steps",
+        type=int,
+        default=4,
+        metavar="N",
+        help="steps per scaling-table run (default 4: the loop time is the median of the 3 after the first)",
     )
     bench.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

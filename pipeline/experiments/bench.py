@@ -137,7 +137,7 @@ def _empty_cache(env: dict[str, str], folder: Path) -> dict[str, str]:
 def bench(
     steps: int = 100,
     repeats: int = 3,
-    scaling_steps: int = 3,
+    scaling_steps: int = 4,
     out: Path = Path("reports/bench"),
     overrides: list[str] | None = None,
     scaling: bool = True,
