@@ -271,6 +271,27 @@ def pairs_batch(trainer, indices):
     return trainer._prepare_inputs(trainer.data_collator([{c: ds[i][c] for c in cols} for i in indices]))
 
 
+def autocast_step(trainer, batch, params: set[int]):
+    """(loss, gradients, bytes kept for backward outside the parameters) of one DPO step under bf16 autocast."""
+    import torch
+
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    trainer.model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    trainer._metrics["train"].clear()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, sum(kept.values())
+
+
 def lean_trainer(model_dir: Path, data: dict[str, Path], out_dir: Path):
     """(trainer, a batch of its first 4 pairs): a tiny DPO trainer with every LoRA B moved off zero, the
     completion-only LM head and the lean linears installed (training/lean_linear.py), without the reference cache."""

@@ -4,27 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from conftest import lean_trainer, move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
+from conftest import autocast_step, lean_trainer, move_lora_b, pairs_batch, tiny_dpo_trainer, tiny_recipe
 from pipeline.training import fast_head, lean_linear
-
-
-def _step(trainer, batch, params: set[int]):
-    """(loss, gradients, bytes kept for backward outside the parameters) of one DPO step under bf16 autocast."""
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    trainer.model.zero_grad()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    trainer._metrics["train"].clear()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, sum(kept.values())
 
 
 def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama, small_data, tmp_path):
@@ -34,7 +15,7 @@ def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama
     assert fast_head.install_on_trainer(trainer, True)
     batch = pairs_batch(trainer, range(4))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    loss, grads, kept = _step(trainer, batch, params)
+    loss, grads, kept = autocast_step(trainer, batch, params)
 
     replaced = lean_linear.install(model)
     frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
@@ -42,7 +23,7 @@ def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama
     frozen = [m for m in frozen if m is not lm_head]
     assert replaced == len(frozen) * 3  # each frozen projection with its LoRA A and B
     assert lean_linear.install(model) == replaced  # once only
-    lean_loss, lean_grads, lean_kept = _step(trainer, batch, params)
+    lean_loss, lean_grads, lean_kept = autocast_step(trainer, batch, params)
 
     assert torch.equal(lean_loss, loss)  # the same bf16 products: bit for bit
     assert lean_grads.keys() == grads.keys() and grads
@@ -60,7 +41,7 @@ def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama
     assert all(m.cast_input_dtype_enabled is False for m in lora_layers)
     for m in lora_layers:
         m.cast_input_dtype_enabled = True
-    upcast_loss, _, upcast_kept = _step(trainer, batch, params)
+    upcast_loss, _, upcast_kept = autocast_step(trainer, batch, params)
     assert torch.equal(upcast_loss, loss)
     config = model.get_base_model().config
     tokens = int(batch["attention_mask"].sum())  # packed: a little fewer (the prompt once)
@@ -74,18 +55,18 @@ def test_lean_linears_give_autocasts_loss_and_gradients_and_keep_less(tiny_llama
         torch.testing.assert_close(frozen[0](x), torch.nn.functional.linear(x, frozen[0].weight, frozen[0].bias))
 
 
-def test_lean_mlps_give_the_same_loss_and_gradients_and_keep_one_tensor_less(tiny_llama, small_data, tmp_path):
+def test_lean_mlps_give_the_same_loss_and_gradients_and_keep_two_tensors_less(tiny_llama, small_data, tmp_path):
     trainer, batch = lean_trainer(tiny_llama, small_data, tmp_path)
     model = trainer.model
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    loss, grads, kept = _step(trainer, batch, params)
+    loss, grads, kept = autocast_step(trainer, batch, params)
     rng = torch.get_rng_state()
 
     mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
     assert lean_linear.install_mlps(model) == len(mlps) > 0
     assert torch.equal(torch.get_rng_state(), rng)  # the probe drew from its own generator
     assert lean_linear.install_mlps(model) == len(mlps)  # once only
-    lean_loss, lean_grads, lean_kept = _step(trainer, batch, params)
+    lean_loss, lean_grads, lean_kept = autocast_step(trainer, batch, params)
 
     assert torch.equal(lean_loss, loss)
     assert lean_grads.keys() == grads.keys()
@@ -102,7 +83,7 @@ def test_lean_mlps_give_the_same_loss_and_gradients_and_keep_one_tensor_less(tin
     lora_downs = [m.down_proj for m in mlps]
     for m in lora_downs:
         m.cast_input_dtype_enabled = True
-    upcast_loss, upcast_grads, upcast_kept = _step(trainer, batch, params)
+    upcast_loss, upcast_grads, upcast_kept = autocast_step(trainer, batch, params)
     for m in lora_downs:
         m.cast_input_dtype_enabled = False
     assert torch.equal(upcast_loss, loss)

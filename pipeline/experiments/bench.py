@@ -40,6 +40,7 @@ ABLATIONS = (  # each lever switched off on its own
     ("glibc's default allocator thresholds", ["env:TWIN_DPO_MMAP_THRESHOLD_MB=0"]),
     ("reference-pass batching off (one pair per forward)", ["env:TWIN_DPO_REFERENCE_PAIRS=1"]),
     ("frozen weights kept float32 (cast to bf16 at every step)", ["env:TWIN_DPO_FROZEN_BF16=0"]),
+    ("RMSNorm inputs kept float32 for the backward (not bf16)", ["env:TWIN_DPO_NORM_BF16=0"]),
     ("torch.compile ON (inductor per block, off by default; its compile time inside the run)", ["train.compile=true"]),
 )
 LENGTHS = (128, 256, 512, 1024)

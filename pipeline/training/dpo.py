@@ -25,6 +25,7 @@ from pipeline.training import (
     fast_head,
     held_weights,
     lean_linear,
+    lean_norm,
     reference,
     twin,
     work,
@@ -66,15 +67,16 @@ def _install_compile(trainer, recipe, backend: str) -> str:
     return what
 
 
-def _install_lean(trainer, recipe, backend: str, autocast: str | None) -> tuple[int, int]:
-    """Shared input casts, no kept weight copies and gated MLPs that keep one tensor less, under autocast
-    (training/lean_linear.py): the same numbers, less memory; returns (linears, MLPs) switched. Not under
-    torch.compile (inductor plans its own buffers) nor with Unsloth (its own kernels), and not without autocast,
-    where each layer would only fall through to F.linear (the summary then counts 0)."""
+def _install_lean(trainer, recipe, backend: str, autocast: str | None) -> tuple[int, int, int]:
+    """Shared input casts, no kept weight copies and gated MLPs that keep two tensors less, under autocast
+    (training/lean_linear.py: the same numbers, less memory), and RMSNorms that keep a bf16 copy of their input
+    (training/lean_norm.py, its own lever); returns (linears, MLPs, norms) switched. Not under torch.compile
+    (inductor plans its own buffers) nor with Unsloth (its own kernels), and not without autocast, where each
+    layer would only fall through to its own forward (the summary then counts 0)."""
     if recipe.train.compile or backend == "unsloth" or not autocast:
-        return 0, 0
+        return 0, 0, 0
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return lean_linear.install(model), lean_linear.install_mlps(model)
+    return lean_linear.install(model), lean_linear.install_mlps(model), lean_norm.install(model)
 
 
 def _hold_frozen(trainer, lean: int, autocast: str | None, folder: Path) -> held_weights.Held | None:
@@ -124,7 +126,7 @@ def train(
         trainer, log = build_trainer(prep, run, loaded, [clock, *(extra_callbacks or [])], held_out)
         head = _install_head(trainer, recipe)
         kernels = _install_compile(trainer, recipe, prep.backend.name)
-        lean, lean_mlps = _install_lean(trainer, recipe, prep.backend.name, prec.autocast)
+        lean, lean_mlps, lean_norms = _install_lean(trainer, recipe, prep.backend.name, prec.autocast)
         held = _hold_frozen(trainer, lean, prec.autocast, run.path)
         held_out_fp32 = exact_eval.install(trainer)  # after the head: it wraps whichever forward is in place
         counted = work.install_on_trainer(trainer)  # what the model really computes, for the bench's MFU
@@ -158,6 +160,7 @@ def train(
             compiled=kernels,
             lean_linears=lean,
             lean_mlps=lean_mlps,
+            lean_norms=lean_norms,
             frozen_weights=held.describe() if held is not None else None,
             step_seconds=clock.seconds,
             held_out_precision="float32" if held_out_fp32 else (prec.autocast or "float32"),
