@@ -146,11 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each (default 3)")
     bench.add_argument(
-        "--scaling-steps",
-        type=int,
-        default=4,
-        metavar="N",
-        help="steps per scaling-table run (default 4: the loop time is the median of the 3 after the first)",
+        "--scaling-steps", type=int, default=4, metavar="N", help="steps per scaling run (default 4: median of 3 timed)"
     )
     bench.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
