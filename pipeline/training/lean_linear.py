@@ -163,7 +163,8 @@ def install_mlps(model) -> int:
     return count
 
 
-def _decoder_modules(model):
+def decoder_modules(model):
+    """Every module inside the decoder layers of `model` (PEFT or transformers): where the lean layers go."""
     for layer in compiled.decoder_layers(adapters.transformers_model(model)) or []:
         yield from layer.modules()
 
@@ -171,7 +172,7 @@ def _decoder_modules(model):
 def linears(model) -> list[torch.nn.Linear]:
     """The plain `nn.Linear` layers in the decoder layers of `model` (PEFT or transformers): base layers and LoRA
     A / B, what `install` switches (and training/held_weights.py holds the frozen weights of)."""
-    return [m for m in _decoder_modules(model) if type(m) is torch.nn.Linear]
+    return [m for m in decoder_modules(model) if type(m) is torch.nn.Linear]
 
 
 def install(model) -> int:
@@ -183,7 +184,7 @@ def install(model) -> int:
     switched = linears(model)
     for module in switched:
         module.forward = types.MethodType(_forward, module)
-    for module in _decoder_modules(model):
+    for module in decoder_modules(model):
         adapters_a = getattr(module, "lora_A", None)
         if isinstance(adapters_a, torch.nn.ModuleDict) and all(type(a) is torch.nn.Linear for a in adapters_a.values()):
             # PEFT upcasts a bf16 input (the o and down projections') to the adapter's float32 for LoRA A,

@@ -23,8 +23,7 @@ import types
 
 import torch
 
-from pipeline.model import adapters
-from pipeline.training import compiled
+from pipeline.training import lean_linear
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +103,9 @@ def install(model) -> int:
     if not enabled():
         return 0
     count = 0
-    for layer in compiled.decoder_layers(adapters.transformers_model(model)) or []:
-        for module in layer.modules():
-            if not type(module).__name__.endswith("RMSNorm"):
-                continue
-            if getattr(module, "_twin_dpo_norm_forward", None) is not None or _switch(module):
-                count += 1
+    for module in lean_linear.decoder_modules(model):
+        if not type(module).__name__.endswith("RMSNorm"):
+            continue
+        if getattr(module, "_twin_dpo_norm_forward", None) is not None or _switch(module):
+            count += 1
     return count
