@@ -3,7 +3,7 @@
 Under bf16 autocast the residual stream of a Llama-family model stays float32 (the embeddings are float32 and
 each residual add promotes), and each decoder layer's two RMSNorms keep their float32 input for the backward:
 per token and layer 2 x hidden x 4 bytes, a quarter of what a LoRA step keeps at long sequences (SmolLM2,
-1,024 tokens: 118 MB of 960 MB per pair). `_RMSNorm` computes the forward the module computes, op for op (the
+1,024 tokens: 237 MB of the ~960 MB a pair keeps; the bf16 copy halves it). `_RMSNorm` computes the forward the module computes, op for op (the
 same output, bit for bit), and keeps a bf16 copy of the input and the float32 reciprocal RMS (one number per
 token); its backward is RMSNorm's closed-form gradient in float32 from that copy. The gradient then carries the
 bf16 rounding of the input (relative 2^-9), as every product of the autocast matmuls around it already does;
