@@ -1,15 +1,15 @@
 """RMSNorm layers that keep their input for the backward pass in the autocast dtype, not in float32.
 
-Under bf16 autocast the residual stream of a Llama-family model stays float32 (the embeddings are float32 and
-each residual add promotes), and each decoder layer's two RMSNorms keep their float32 input for the backward:
-per token and layer 2 x hidden x 4 bytes, a quarter of what a LoRA step keeps at long sequences (SmolLM2,
-1,024 tokens: 237 MB of the ~960 MB a pair keeps; the bf16 copy halves it). `_RMSNorm` computes the forward the module computes, op for op (the
-same output, bit for bit), and keeps a bf16 copy of the input and the float32 reciprocal RMS (one number per
-token); its backward is RMSNorm's closed-form gradient in float32 from that copy. The gradient then carries the
-bf16 rounding of the input (relative 2^-9), as every product of the autocast matmuls around it already does;
-it is not autograd's gradient bit for bit, which is why this is a lever of its own (`TWIN_DPO_NORM_BF16=0`
-keeps the float32 input; `make bench` measures it). tests/test_lean_norm.py checks the forward bit for bit,
-the backward against autograd's, and the bytes kept.
+Under bf16 autocast the residual stream of a Llama-family model stays float32 (the embeddings are float32 and each
+residual add promotes), and each decoder layer's two RMSNorms keep their float32 input for the backward: per token
+and layer 2 x hidden x 4 bytes, a quarter of what a LoRA step keeps at long sequences (SmolLM2, 1,024 tokens: 237
+MB of the ~960 MB a pair keeps; the bf16 copy halves it). `_RMSNorm` computes the forward the module computes, op
+for op (the same output, bit for bit), and keeps a bf16 copy of the input and the float32 reciprocal RMS (one
+number per token); its backward is RMSNorm's closed-form gradient in float32 from that copy. The gradient then
+carries the bf16 rounding of the input (relative 2^-9), as every product of the autocast matmuls around it already
+does; it is not autograd's gradient bit for bit, which is why this is a lever of its own (`TWIN_DPO_NORM_BF16=0`
+keeps the float32 input; `make bench` measures it). tests/test_lean_norm.py checks the forward bit for bit, the
+backward against autograd's, and the bytes kept.
 
 Switched only where a probe input gives the module's own output (Llama, Qwen, Mistral, SmolLM:
 `weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`; Gemma's `1 + weight` keeps its own), only in the decoder
