@@ -21,6 +21,9 @@ endif
 STAMP := $(VENV)/.twin-dpo-setup-gpu$(GPU)
 GGUF_STAMP := $(VENV)/.twin-dpo-gguf
 TORCH := torch==2.13.0
+# pip shows errors only: at one --quiet it still prints a warning per package for every unreadable index or
+# find-links location in the machine's own pip configuration (not ours to fix, and not the user's news).
+PIPQ := --quiet --quiet --disable-pip-version-check
 RUN ?=
 SET ?=
 STEPS ?=
@@ -43,10 +46,10 @@ setup: $(STAMP) ## create .venv with the tested versions (once; later runs reuse
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[twin-dpo] setting up .venv with the $(if $(filter 1,$(GPU)),GPU,CPU) version set ($(CONSTRAINTS))"
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install $(PIPQ) $(TORCH)
 	@if [ "$(GPU)" = 1 ]; then $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
-	  || $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps $(TORCH); fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
+	  || $(PY) -m pip install $(PIPQ) --force-reinstall --no-deps $(TORCH); fi
+	$(PY) -m pip install $(PIPQ) -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	$(PY) -m pipeline embedded-model
 	@rm -f $(VENV)/.twin-dpo-setup-gpu*
 	@touch $@
@@ -69,11 +72,11 @@ $(GGUF_STAMP): $(STAMP) constraints/llama-cpp-sdist.txt
 	@if ! ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1; then \
 	  echo "[twin-dpo] building llama-cpp-python once for this machine (portable AVX2 build, about 5-7 minutes on 2 cores)"; \
 	  rm -rf $(LLAMA_WHEELS).tmp && mkdir -p $(LLAMA_WHEELS).tmp && \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel $(PIPQ) --no-cache-dir --no-deps \
 	    -w $(LLAMA_WHEELS).tmp $(LLAMA_SDIST_DIR)/llama_cpp_python-$(LLAMA_VERSION).tar.gz && \
 	  mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
-	$(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps $(LLAMA_WHEELS)/*.whl
-	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[gguf]'
+	$(PY) -m pip install $(PIPQ) --force-reinstall --no-deps $(LLAMA_WHEELS)/*.whl
+	$(PY) -m pip install $(PIPQ) -c $(CONSTRAINTS) -e '.[gguf]'
 	TWIN_DPO_SDIST_DIR=$(LLAMA_SDIST_DIR) $(PY) -m pipeline llama-cpp-source
 	@touch $@
 
