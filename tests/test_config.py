@@ -72,6 +72,25 @@ def test_validate_collects_every_problem():
     ]
 
 
+def test_lever_switches_in_the_environment_are_checked_with_the_recipe(monkeypatch):
+    recipe = config.load_recipe("dpo_lora")
+    monkeypatch.setenv("TWIN_DPO_NORM_BF16", "false")  # before this check: read as "not 0", the lever silently on
+    monkeypatch.setenv("TWIN_DPO_MMAP_THRESHOLD_MB", "8MB")  # before: int() raised mid-run, a traceback
+    monkeypatch.setenv("TWIN_DPO_REFERENCE_PAIRS", "0")
+    monkeypatch.setenv("TWIN_DPO_FROZEN_BF16", " 0 ")
+    with pytest.raises(UserError) as err:
+        config.validate(recipe)
+    assert err.value.problems == [
+        "TWIN_DPO_MMAP_THRESHOLD_MB (environment): must be a whole number of MB (0: glibc's default), got '8MB'; "
+        "fix it or unset it",
+        "TWIN_DPO_REFERENCE_PAIRS (environment): must be a whole number of pairs >= 1, got '0'; fix it or unset it",
+        "TWIN_DPO_NORM_BF16 (environment): must be 0 (off) or 1 (on), got 'false'; fix it or unset it",
+    ]
+    for name in ("TWIN_DPO_NORM_BF16", "TWIN_DPO_MMAP_THRESHOLD_MB", "TWIN_DPO_REFERENCE_PAIRS"):
+        monkeypatch.delenv(name)
+    assert config.validate(recipe) is recipe
+
+
 def test_wrong_types_are_reported_before_ranges():
     recipe = config.load_recipe("dpo_lora")
     with pytest.raises(UserError, match=r"train.beta: must be a number, got '0.5'"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import types
 import typing
 from typing import Any
@@ -100,6 +101,26 @@ def validate(recipe: Recipe) -> Recipe:
     need(0 < e.top_p <= 1, "export.top_p", "must be in (0, 1]")
     need(e.repeat_penalty > 0, "export.repeat_penalty", "must be > 0")
     need(e.num_ctx >= 16, "export.num_ctx", "must be >= 16")
+    problems += lever_problems(os.environ)
     if problems:
         raise UserError(problems)
     return recipe
+
+
+# The lever switches the bench's table sets (README, "Faster than plain TRL") are environment variables, checked
+# with the recipe: a typo fails before a weight loads, not with a traceback mid-run or the lever silently on.
+LEVERS = {
+    "TWIN_DPO_MMAP_THRESHOLD_MB": ("a whole number of MB (0: glibc's default)", str.isdigit),
+    "TWIN_DPO_REFERENCE_PAIRS": ("a whole number of pairs >= 1", lambda v: v.isdigit() and int(v) >= 1),
+    "TWIN_DPO_FROZEN_BF16": ("0 (off) or 1 (on)", lambda v: v in ("0", "1")),
+    "TWIN_DPO_NORM_BF16": ("0 (off) or 1 (on)", lambda v: v in ("0", "1")),
+}
+
+
+def lever_problems(env: typing.Mapping[str, str]) -> list[str]:
+    problems = []
+    for name, (rule, ok) in LEVERS.items():
+        value = env.get(name, "").strip()
+        if value and not ok(value):
+            problems.append(f"{name} (environment): must be {rule}, got {value!r}; fix it or unset it")
+    return problems
