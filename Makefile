@@ -113,7 +113,7 @@ sweep: setup ## light LoRA DPO runs (default grid: 3 lr x 2 beta) ranked by held
 	$(PY) -m pipeline sweep dpo_lora $(foreach g,$(GRID),--grid $(g)) $(if $(STEPS),--steps $(STEPS),) $(SETS)
 
 REPEATS ?=
-bench: setup ## our LoRA DPO vs plain TRL: pairs/s ratio, ablation, scaling -> reports/bench/ (~160 min on 2 cores; STEPS=, REPEATS=)
+bench: setup ## our LoRA DPO vs plain TRL: pairs/s ratio, ablation, scaling -> reports/bench/ (~130 min on 2 cores; STEPS=, REPEATS=)
 	$(PY) -m pipeline bench $(if $(STEPS),--steps $(STEPS),) $(if $(REPEATS),--repeats $(REPEATS),) $(SETS)
 
 gpu-smoke: setup ## on a CUDA GPU: dpo-lora and dpo-qlora, unsloth vs hf backend, 30 steps each, one table

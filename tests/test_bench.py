@@ -10,7 +10,7 @@ from pipeline.experiments import bench
 from pipeline.model import runtime
 
 
-def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, tmp_path):
+def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, tmp_path, capsys):
     sets = [
         f"model.name_or_path={tiny_llama}",
         f"data.train={small_data['train']}",
@@ -64,6 +64,13 @@ def test_quick_bench_writes_ratio_ablation_and_scaling(tiny_llama, small_data, t
     assert "| reference run at every step (no cached log-probs) |" in md and "none: run at every step" in md
     assert len(report["scaling"]) == 1 and report["scaling"][0]["ours"]["steps"] == 1
     assert "## Ablation" in md and "## Scaling" in md and "| 128 | 1 |" in md
+    # each child run says it is done as it ends (main runs, lever rows, grid points), with its own figures
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[twin-dpo]   ")]
+    assert len(done) == 3 + 2 + 2
+    assert done[0].startswith(
+        f"[twin-dpo]   TRL baseline (baseline-0): 2 steps, {baseline['pairs_per_second']:.3f} pairs/s"
+    )
+    assert done[2].startswith(f"[twin-dpo]   ours (ours-0): 2 steps, {ours['pairs_per_second']:.3f} pairs/s")
 
 
 def test_a_child_reports_its_own_peak_memory_not_its_parents():

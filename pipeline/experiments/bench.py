@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.experiments import bench_report, children
 from pipeline.model import paths
 from pipeline.model.backend import cuda_available, precision
-from pipeline.storage import cache_root, read_json, write_json_atomic, write_text_atomic
+from pipeline.storage import cache_root, human_bytes, read_json, write_json_atomic, write_text_atomic
 from pipeline.training import twin
 
 ABLATIONS = (  # each lever switched off on its own
@@ -80,7 +80,7 @@ def run_ours(folder: Path, steps: int, sets: list[str], env: dict[str, str]) -> 
     env = {**env, **dict(s[4:].split("=", 1) for s in sets if s.startswith("env:"))}
     sets = [s for s in sets if not s.startswith("env:")]
     children.run(argv + [a for s in sets for a in ("--set", s)], f"ours {' '.join(sets)}", env, quiet=True)
-    return read_json(folder / "summary.json")
+    return _finished("ours", folder)
 
 
 def run_baseline(folder: Path, steps: int, sets: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -95,7 +95,19 @@ def run_baseline(folder: Path, steps: int, sets: list[str], env: dict[str, str])
         "train.eval_every=0",
     ]
     children.run(argv + [a for s in sets for a in ("--set", s)], "trl baseline", env, quiet=True)
-    return read_json(folder / "summary.json")
+    return _finished("TRL baseline", folder)
+
+
+def _finished(side: str, folder: Path) -> dict[str, Any]:
+    """A finished child's summary, and one line saying what it measured: the children run quietly, and a full
+    bench is ~130 min of them, so each run shows it is done as it ends."""
+    s = read_json(folder / "summary.json")
+    print(
+        f"[twin-dpo]   {side} ({folder.name}): {s['steps']} steps, {s['pairs_per_second']:.3f} pairs/s, "
+        f"{s['train_seconds']:.0f} s training, peak {human_bytes(s['peak_memory_bytes'])}",
+        flush=True,
+    )
+    return s
 
 
 def synthetic_data(folder: Path, tokenizer, length: int, pairs: int) -> tuple[Path, Path]:
